@@ -1,0 +1,111 @@
+"""The interface every meta-learning algorithm implements, and shared pieces.
+
+An algorithm is a handful of pure functions over pytrees (in the spirit of optax's
+``GradientTransformation``). The trainer only ever calls these; it never looks inside.
+
+Shapes: a ``Task`` holds support x: (Ns, *input), y: (Ns, ...) and query x: (Nq, *input);
+a *batch* of tasks is the same with a leading task axis (T, N, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from metalearn.models import Model
+from metalearn.tasks import Task, TaskSource
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+
+class Problem(NamedTuple):
+    """What an algorithm needs to know about the model and the task distribution."""
+
+    model: Model
+    source: TaskSource
+
+    def loss(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+        return self.source.loss(self.model.apply(params, x), y)
+
+
+class MetaLearner(NamedTuple):
+    """A meta-learning algorithm as pure functions.
+
+    init(key) -> meta_params: everything the outer optimizer trains.
+    meta_grad(meta_params, tasks, key) -> (grads like meta_params, metrics): the outer
+        (pseudo-)gradient for a batch of tasks (leading axis T); metrics are scalars and
+        include ``loss`` and the task metric (``accuracy`` or ``mse``) on the query sets.
+    adapt(meta_params, support_x, support_y, key, steps) -> adapted: the task-specific state
+        after ``steps`` inner steps (``steps`` is a Python int).
+    predict(meta_params, adapted, x) -> predictions for x: (N, *input).
+    """
+
+    init: Callable[[jax.Array], PyTree]
+    meta_grad: Callable[[PyTree, Task, jax.Array], tuple[PyTree, Metrics]]
+    adapt: Callable[[PyTree, jax.Array, jax.Array, jax.Array, int], PyTree]
+    predict: Callable[[PyTree, PyTree, jax.Array], jax.Array]
+
+
+def inner_sgd(
+    loss_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    lr: float | PyTree,
+    steps: int,
+    *,
+    first_order: bool = False,
+    remat: bool = False,
+) -> PyTree:
+    """``steps`` plain gradient steps ``p <- p - lr * grad(loss_fn)(p)`` under ``lax.scan``.
+
+    lr: a scalar, or a pytree shaped like ``params`` (per-parameter rates, Meta-SGD).
+    first_order: stop the gradient through each inner gradient, dropping the second-order
+        terms of the meta-gradient (the updates still depend on params through ``p``).
+    remat: recompute each inner step in the backward pass instead of storing it.
+    """
+    if steps == 0:
+        return params
+    lr_tree = lr if isinstance(lr, dict) else jax.tree.map(lambda _: lr, params)
+
+    def step(p: PyTree, _: None) -> tuple[PyTree, None]:
+        g = jax.grad(loss_fn)(p)
+        if first_order:
+            g = lax.stop_gradient(g)
+        return jax.tree.map(lambda w, gw, a: w - a * gw, p, g, lr_tree), None
+
+    if remat:
+        step = jax.checkpoint(step)
+    params, _ = lax.scan(step, params, None, length=steps)
+    return params
+
+
+def mean_over_tasks(
+    task_loss: Callable[[PyTree, Task, jax.Array], tuple[jax.Array, jax.Array]],
+    meta_params: PyTree,
+    tasks: Task,
+    key: jax.Array,
+    metric_name: str,
+) -> tuple[jax.Array, Metrics]:
+    """Mean of ``task_loss`` over a batch of tasks, vmapped; returns (loss, metrics)."""
+    keys = jax.random.split(key, tasks.support_x.shape[0])
+    losses, task_metrics = jax.vmap(task_loss, in_axes=(None, 0, 0))(meta_params, tasks, keys)
+    loss = jnp.mean(losses)
+    return loss, {"loss": loss, metric_name: jnp.mean(task_metrics)}
+
+
+def gradient_of_mean(
+    task_loss: Callable[[PyTree, Task, jax.Array], tuple[jax.Array, jax.Array]], metric_name: str
+) -> Callable[[PyTree, Task, jax.Array], tuple[PyTree, Metrics]]:
+    """meta_grad for algorithms whose outer objective is the mean per-task loss."""
+
+    def meta_grad(meta_params: PyTree, tasks: Task, key: jax.Array) -> tuple[PyTree, Metrics]:
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: mean_over_tasks(task_loss, p, tasks, key, metric_name), has_aux=True
+        )(meta_params)
+        return grads, metrics
+
+    return meta_grad

@@ -1,0 +1,55 @@
+"""MAML (Finn et al., 2017) and its first-order approximation.
+
+For a task with support set S and query set Q, the inner loop takes k gradient steps
+
+    theta'_0 = theta,   theta'_{i+1} = theta'_i - alpha * grad L_S(theta'_i),
+
+and the outer objective is the mean over tasks of L_Q(theta'_k). Its gradient with
+respect to theta flows through every inner step (second order: it contains Hessian-vector
+products of L_S). First-order MAML stops the gradient through grad L_S, so
+d theta'_k / d theta = I and the meta-gradient is grad L_Q evaluated at theta'_k.
+
+State: meta_params = the model's parameter pytree; adapted = a pytree of the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.tasks import Task
+
+
+def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
+    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
+    first_order = bool(cfg.first_order) or cfg.name == "fomaml"
+    model, source = problem.model, problem.source
+
+    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
+        del key
+        return inner_sgd(
+            lambda p: problem.loss(p, support_x, support_y),
+            params,
+            cfg.inner_lr,
+            steps,
+            first_order=first_order,
+            remat=cfg.remat,
+        )
+
+    def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        adapted = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
+        pred = model.apply(adapted, task.query_x)
+        return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
+
+    def predict(params: Any, adapted: Any, x: jax.Array) -> jax.Array:
+        del params
+        return model.apply(adapted, x)
+
+    return MetaLearner(
+        init=model.init,
+        meta_grad=gradient_of_mean(task_loss, source.metric_name),
+        adapt=adapt,
+        predict=predict,
+    )

@@ -1,0 +1,181 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` merges into these dataclasses, so a misspelt key or a
+value of the wrong type fails at composition time (struct mode). Range checks that a
+type cannot express live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class AlgoConfig:
+    """Meta-learning algorithm. Fields not used by an algorithm are ignored by it."""
+
+    name: str = "maml"
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    inner_steps_test: int = 1
+    first_order: bool = False
+    # Rematerialise each inner step in the backward pass (saves memory, costs compute).
+    remat: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """Task distribution. ``name`` selects the sampler; the rest are its options."""
+
+    name: str = "sinusoid"
+    n_way: int = 1
+    k_shot: int = 10
+    k_query: int = 10
+    # sinusoid regression: amplitude ~ U[amp_min, amp_max], phase ~ U[phase_min, phase_max],
+    # x ~ U[x_min, x_max].
+    amp_min: float = 0.1
+    amp_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = math.pi
+    x_min: float = -5.0
+    x_max: float = 5.0
+    # image datasets
+    variant: str = "standard"
+    manual_dir: str | None = None
+    data_dir: str | None = None
+    image_size: int = 28
+    rotations: bool = True
+    split_seed: int = 0
+    download: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    filters: int = 64
+    blocks: int = 4
+    # "stride": stride-2 3x3 convs (Omniglot, MAML paper); "maxpool": stride-1 conv + 2x2 max-pool.
+    downsample: str = "stride"
+    # "im2col": patches + batched matmul (fast under vmap on CPU); "xla": lax.conv.
+    conv_impl: str = "im2col"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.0
+    # Clip the meta-gradient to this global norm; null disables clipping.
+    clip_norm: float | None = None
+    # "constant" or "cosine" (decays to lr * final_lr_fraction over trainer.steps).
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 20000
+    meta_batch_size: int = 25
+    log_every: int = 100
+    val_every: int = 2000
+    val_tasks: int = 200
+    checkpoint_every: int = 5000
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    n_tasks: int = 600
+    # Tasks adapted in parallel per jitted chunk (memory vs. speed).
+    batch_size: int = 100
+    split: str = "test"
+
+
+@dataclass
+class Config:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    # For `metalearn eval`: the training run to load. Unused by `metalearn train`.
+    run_dir: str | None = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+_ALGOS = ("maml",)
+_DATASETS = ("sinusoid", "omniglot")
+_MODELS = ("mlp", "conv4")
+_OPTIMS = ("adam", "sgd")
+
+
+def validate(cfg: Any) -> None:
+    """Range-check a composed config; raise ConfigError naming the first bad key."""
+
+    def need(ok: bool, key: str, value: Any, valid: str) -> None:
+        if not ok:
+            raise ConfigError(f"invalid {key}={value!r}: must be {valid}")
+
+    a, d, m, o, t, e = cfg.algo, cfg.dataset, cfg.model, cfg.optim, cfg.trainer, cfg.eval
+    from metalearn.algos import ALGORITHMS  # late import: algos import this module
+
+    need(a.name in ALGORITHMS, "algo.name", a.name, f"one of {sorted(ALGORITHMS)}")
+    need(math.isfinite(a.inner_lr) and a.inner_lr > 0, "algo.inner_lr", a.inner_lr, "> 0")
+    need(a.inner_steps >= 1, "algo.inner_steps", a.inner_steps, ">= 1")
+    need(a.inner_steps_test >= 0, "algo.inner_steps_test", a.inner_steps_test, ">= 0")
+
+    need(d.name in _DATASETS, "dataset.name", d.name, f"one of {list(_DATASETS)}")
+    need(d.k_shot >= 1, "dataset.k_shot", d.k_shot, ">= 1")
+    need(d.k_query >= 1, "dataset.k_query", d.k_query, ">= 1")
+    if d.name == "sinusoid":
+        need(d.amp_max >= d.amp_min > 0, "dataset.amp_min", d.amp_min, "> 0 and <= dataset.amp_max")
+        need(d.x_max > d.x_min, "dataset.x_max", d.x_max, "> dataset.x_min")
+        need(d.phase_max >= d.phase_min, "dataset.phase_max", d.phase_max, ">= dataset.phase_min")
+    else:
+        need(d.n_way >= 2, "dataset.n_way", d.n_way, ">= 2 for classification")
+        need(d.image_size >= 4, "dataset.image_size", d.image_size, ">= 4")
+        if d.manual_dir is not None:
+            need(Path(d.manual_dir).expanduser().is_dir(), "dataset.manual_dir", d.manual_dir,
+                 "an existing directory holding the dataset archives")
+
+    need(m.name in _MODELS, "model.name", m.name, f"one of {list(_MODELS)}")
+    need(m.downsample in ("stride", "maxpool"), "model.downsample", m.downsample, "stride or maxpool")
+    need(m.conv_impl in ("im2col", "xla"), "model.conv_impl", m.conv_impl, "im2col or xla")
+    need(m.filters >= 1, "model.filters", m.filters, ">= 1")
+    need(m.blocks >= 1, "model.blocks", m.blocks, ">= 1")
+    need(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "a list of sizes >= 1")
+    if d.name == "sinusoid":
+        need(m.name == "mlp", "model", m.name, "mlp for dataset=sinusoid (images need conv4)")
+
+    need(o.name in _OPTIMS, "optim.name", o.name, f"one of {list(_OPTIMS)}")
+    need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0 or null")
+    need(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "constant or cosine")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "in [0, 1]")
+
+    need(t.steps >= 0, "trainer.steps", t.steps, ">= 0")
+    need(t.meta_batch_size >= 1, "trainer.meta_batch_size", t.meta_batch_size, ">= 1")
+    need(t.log_every >= 1, "trainer.log_every", t.log_every, ">= 1")
+    need(t.val_every >= 0, "trainer.val_every", t.val_every, ">= 0 (0 disables validation)")
+    need(t.val_tasks >= 1, "trainer.val_tasks", t.val_tasks, ">= 1")
+    need(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, ">= 0")
+    need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
+    need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")

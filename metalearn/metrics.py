@@ -1,0 +1,49 @@
+"""Summaries of per-task results and the append-only metrics log."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def summarize(values: np.ndarray, metric: str) -> dict[str, Any]:
+    """Mean and 95% confidence half-width (1.96 * std / sqrt(n)) over per-task values."""
+    values = np.asarray(values, dtype=np.float64)
+    n = int(values.size)
+    std = float(values.std(ddof=0)) if n > 1 else 0.0
+    return {
+        "metric": metric,
+        "mean": float(values.mean()),
+        "ci95": 1.96 * std / math.sqrt(n),
+        "n_tasks": n,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    if summary["metric"] == "accuracy":
+        return f"accuracy {100 * summary['mean']:.2f}% +- {100 * summary['ci95']:.2f}% ({summary['n_tasks']} tasks)"
+    return f"{summary['metric']} {summary['mean']:.4f} +- {summary['ci95']:.4f} ({summary['n_tasks']} tasks)"
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; each write is flushed so a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

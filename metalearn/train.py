@@ -1,0 +1,214 @@
+"""Meta-training: one jitted meta-step, the training loop, evaluation on held-out tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from metalearn.algos import MetaLearner, Problem, make_algorithm
+from metalearn.checkpoint import save_checkpoint
+from metalearn.config import validate
+from metalearn.errors import MetalearnError
+from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
+from metalearn.models import Model, make_model
+from metalearn.optim import make_optimizer
+from metalearn.tasks import TaskSource, build_task_source
+
+PyTree = Any
+
+# Streams derived from the seed; fixed so that `metalearn eval` sees the same test tasks.
+_TRAIN_STREAM, _VALIDATION_STREAM, _TEST_STREAM, _INIT_STREAM = 0, 1, 2, 3
+
+
+class TrainingError(MetalearnError):
+    """Training cannot continue (e.g. a non-finite loss)."""
+
+
+class TrainState(NamedTuple):
+    """Everything needed to continue training: step (int32 scalar), meta-parameters,
+    optimizer state, and the base PRNG key from which step ``s`` derives fold_in(key, s)."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    key: jax.Array
+
+
+class Experiment(NamedTuple):
+    source: TaskSource
+    model: Model
+    algo: MetaLearner
+    optimizer: optax.GradientTransformation
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), stream)
+
+
+def setup(cfg: Any, source: TaskSource | None = None) -> Experiment:
+    """Task source, model, algorithm and outer optimizer for a composed config."""
+    source = source if source is not None else build_task_source(cfg.dataset)
+    model = make_model(cfg.model, source.input_shape, source.output_dim)
+    algo = make_algorithm(cfg.algo, Problem(model, source))
+    return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
+
+
+def init_state(exp: Experiment, seed: int) -> TrainState:
+    params = exp.algo.init(stream_key(seed, _INIT_STREAM))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=exp.optimizer.init(params),
+        key=stream_key(seed, _TRAIN_STREAM),
+    )
+
+
+def make_meta_step(exp: Experiment, meta_batch_size: int):
+    """Compile ``(state, data) -> (state, metrics)``: sample a batch of tasks on device,
+    take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated."""
+
+    def meta_step(state: TrainState, data: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = jax.random.fold_in(state.key, state.step)
+        task_key, algo_key = jax.random.split(key)
+        tasks = jax.vmap(exp.source.sample, in_axes=(None, 0))(
+            data, jax.random.split(task_key, meta_batch_size)
+        )
+        grads, metrics = exp.algo.meta_grad(state.params, tasks, algo_key)
+        updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+    return jax.jit(meta_step, donate_argnums=0)
+
+
+def make_evaluator(exp: Experiment, n_tasks: int, batch_size: int, inner_steps: int):
+    """Compile ``(params, data, key) -> per-task metric (n_tasks,)``.
+
+    Task i is drawn from fold_in(key, i), so the tasks do not depend on ``batch_size``;
+    ``batch_size`` tasks are adapted in parallel (vmap), chunks run under ``lax.map``.
+    """
+    batch_size = min(batch_size, n_tasks)
+    n_chunks = math.ceil(n_tasks / batch_size)
+    algo, source = exp.algo, exp.source
+
+    def task_metric(params: PyTree, data: PyTree, key: jax.Array) -> jax.Array:
+        task_key, adapt_key = jax.random.split(key)
+        task = source.sample(data, task_key)
+        adapted = algo.adapt(params, task.support_x, task.support_y, adapt_key, inner_steps)
+        return source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+
+    def evaluate(params: PyTree, data: PyTree, key: jax.Array) -> jax.Array:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_chunks * batch_size))
+        keys = keys.reshape(n_chunks, batch_size, *keys.shape[1:])
+        values = lax.map(lambda ks: jax.vmap(task_metric, (None, None, 0))(params, data, ks), keys)
+        return values.reshape(-1)[:n_tasks]
+
+    return jax.jit(evaluate)
+
+
+def evaluate_params(
+    exp: Experiment, params: PyTree, cfg: Any, split: str, n_tasks: int, inner_steps: int
+) -> dict[str, Any]:
+    """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict."""
+    stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps)
+    values = np.asarray(fn(params, exp.source.splits[split], stream_key(cfg.seed, stream)))
+    return summarize(values, exp.source.metric_name)
+
+
+def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
+    if not all(math.isfinite(v) for v in values.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+        raise TrainingError(
+            f"non-finite values at step {step} ({bad}); stopped without overwriting the last "
+            f"checkpoint in {run_dir} (try a lower algo.inner_lr or optim.lr, or optim.clip_norm)"
+        )
+
+
+def _floats(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
+    """Meta-train as configured; write metrics.jsonl, checkpoint and results.json to run_dir.
+
+    Returns the results dict (also saved as results.json).
+    """
+    from tqdm.auto import tqdm
+
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    exp = setup(cfg)
+    metric = exp.source.metric_name
+    state = init_state(exp, cfg.seed)
+    meta_step = make_meta_step(exp, cfg.trainer.meta_batch_size)
+    train_data = exp.source.splits["train"]
+    logger = JsonlLogger(run_dir / "metrics.jsonl")
+    t = cfg.trainer
+
+    print(
+        f"metalearn: {cfg.algo.name} on {cfg.dataset.name} ({exp.source.kind}, input "
+        f"{exp.source.input_shape}, {exp.source.output_dim} outputs), {t.steps} steps x "
+        f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run_dir}",
+        flush=True,
+    )
+    bar = tqdm(total=t.steps, disable=not t.progress, unit="step", dynamic_ncols=True)
+    start = last_time = time.perf_counter()
+    last_step, compile_s = 0, None
+    for step in range(1, t.steps + 1):
+        state, metrics = meta_step(state, train_data)
+        if step == 1:
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - start
+            last_time, last_step = time.perf_counter(), 1
+        checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+        if step % t.log_every == 0 or step == t.steps or checkpoint_due:
+            values = _floats(metrics)  # the only host sync in the loop between logs
+            _check_finite(values, step, run_dir)
+        if step % t.log_every == 0 or step == t.steps:
+            now = time.perf_counter()
+            rate = (step - last_step) / (now - last_time) if step > last_step else float("nan")
+            last_time, last_step = now, step
+            logger.log({"step": step, "split": "train", **values, "steps_per_s": rate,
+                        "time_s": now - start})
+            bar.set_postfix({"loss": f"{values['loss']:.4f}", metric: f"{values[metric]:.4f}",
+                             "steps/s": f"{rate:.1f}"}, refresh=False)
+        if t.val_every and step % t.val_every == 0:
+            val = evaluate_params(exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test)
+            logger.log({"step": step, "split": "validation", metric: val["mean"], "ci95": val["ci95"],
+                        "n_tasks": val["n_tasks"], "time_s": time.perf_counter() - start})
+            bar.write(f"step {step}: validation {format_summary(val)}")
+        if checkpoint_due:
+            save_checkpoint(run_dir, state)
+        bar.update(1)
+    bar.close()
+    jax.block_until_ready(state)
+    train_time = time.perf_counter() - start
+    save_checkpoint(run_dir, state)
+
+    test = evaluate_params(exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test)
+    results = {
+        "test": test,
+        "split": cfg.eval.split,
+        "inner_steps_test": cfg.algo.inner_steps_test,
+        "algo": cfg.algo.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "steps": t.steps,
+        "train_time_s": train_time,
+        "compile_time_s": compile_s,
+    }
+    write_json(run_dir / "results.json", results)
+    print(f"{cfg.eval.split} {format_summary(test)} after {cfg.algo.inner_steps_test} inner step(s); "
+          f"results in {run_dir / 'results.json'}", flush=True)
+    return results
