@@ -1,0 +1,162 @@
+"""End-to-end checks of the `metalearn` command line (subprocesses, tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_OMNIGLOT
+
+TINY = [
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.val_every=15",
+    "trainer.val_tasks=10",
+    "trainer.checkpoint_every=15",
+    "trainer.progress=false",
+    "eval.n_tasks=20",
+]
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "metalearn.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:  # wall-clock fields differ between runs
+        r.pop("steps_per_s", None)
+        r.pop("time_s", None)
+    return records
+
+
+@pytest.fixture(scope="module")
+def sinusoid_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sinusoid")
+    run_cli("train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root / "run"
+
+
+def test_train_writes_run_dir(sinusoid_run):
+    results = json.loads((sinusoid_run / "results.json").read_text())
+    test = results["test"]
+    assert test["metric"] == "mse" and test["n_tasks"] == 20
+    assert test["mean"] > 0 and test["ci95"] > 0
+    records = _train_records(sinusoid_run)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [10, 20, 30]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [15, 30]
+    assert (sinusoid_run / "checkpoint.msgpack").stat().st_size > 0
+    assert (sinusoid_run / ".hydra" / "config.yaml").is_file()
+
+
+def test_same_seed_same_numbers(sinusoid_run, tmp_path):
+    run_cli("train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert _train_records(tmp_path / "again") == _train_records(sinusoid_run)
+    first = json.loads((sinusoid_run / "results.json").read_text())["test"]
+    second = json.loads((tmp_path / "again" / "results.json").read_text())["test"]
+    assert first == second
+
+
+def test_eval_reloads_run_and_reproduces_test_result(sinusoid_run, tmp_path):
+    run_cli("eval", f"run_dir={sinusoid_run}", cwd=tmp_path)
+    evals = sorted((sinusoid_run / "eval").glob("*/results.json"))
+    assert evals, "eval wrote no results.json"
+    reloaded = json.loads(evals[-1].read_text())
+    trained = json.loads((sinusoid_run / "results.json").read_text())
+    assert reloaded["test"] == trained["test"]  # same checkpoint, same test tasks
+
+    proc = run_cli("eval", f"run_dir={sinusoid_run}", "algo.inner_steps_test=5", "eval.n_tasks=40", cwd=tmp_path)
+    assert "after 5 inner step(s)" in proc.stdout
+    newest = max((sinusoid_run / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    more_steps = json.loads(newest.read_text())
+    assert more_steps["inner_steps_test"] == 5 and more_steps["test"]["n_tasks"] == 40
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("trainer.stepz=3", "trainer.stepz"),
+        ("trainer.steps=abc", "trainer.steps"),
+        ("algo.inner_lr=-1", "algo.inner_lr"),
+        ("algo=nonexistent", "algo/nonexistent"),
+        ("dataset.k_shot=0", "dataset.k_shot"),
+        ("eval.n_tasks=1", "eval.n_tasks"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", override, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert not run_dir.exists()
+
+
+def test_help_and_cfg(tmp_path):
+    help_text = run_cli("train", "--help", cwd=tmp_path).stdout
+    groups_section = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    groups = {
+        line.split(":")[0]: {o.strip() for o in line.split(":", 1)[1].split(",")}
+        for line in groups_section.splitlines()
+        if ":" in line
+    }
+    assert {"maml", "fomaml"} <= groups["algo"]
+    assert {"sinusoid", "omniglot"} <= groups["dataset"]
+    assert {"mlp", "conv4"} <= groups["model"]
+    assert {"adam", "sgd"} <= groups["optim"]
+    cfg_text = run_cli("train", "dataset=omniglot", "--cfg", "job", cwd=tmp_path).stdout
+    assert "name: conv4" in cfg_text and "inner_lr: 0.4" in cfg_text  # the dataset picks its model
+    cfg_text = run_cli("train", "algo=fomaml", "model.hidden=[20,20]", "--cfg", "job", cwd=tmp_path).stdout
+    assert "first_order: true" in cfg_text and "- 20" in cfg_text
+
+
+def test_multirun_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train", "-m", "algo=maml,fomaml", "trainer.steps=5", "trainer.log_every=5", "trainer.val_every=0",
+        "trainer.progress=false", "eval.n_tasks=10", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 2
+    assert {json.loads(p.read_text())["algo"] for p in results} == {"maml", "fomaml"}
+
+
+@pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
+def test_omniglot_small_from_shared_archives(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(
+        "train", "dataset=omniglot", "dataset.variant=small", f"dataset.manual_dir={SHARED_OMNIGLOT}",
+        f"dataset.data_dir={tmp_path / 'data'}", "model.filters=8", "trainer.steps=4", "trainer.log_every=2",
+        "trainer.val_every=0", "trainer.meta_batch_size=4", "trainer.progress=false", "eval.n_tasks=10",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )
+    test = json.loads((run_dir / "results.json").read_text())["test"]
+    assert test["metric"] == "accuracy" and 0.0 <= test["mean"] <= 1.0 and test["n_tasks"] == 10
+
+
+def test_omniglot_missing_archives_fail_fast(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "train", "dataset=omniglot", "dataset.variant=small", f"dataset.manual_dir={empty}",
+        f"dataset.data_dir={tmp_path / 'data'}", "dataset.download=false", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path, check=False,
+    )
+    assert proc.returncode == 2
+    assert "images_background_small1.zip" in proc.stderr and "dataset.manual_dir" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
