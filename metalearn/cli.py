@@ -22,8 +22,18 @@ commands:
 `metalearn <command> --help` lists the config groups and options.
 """
 
-_HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--version",
-                     "--shell-completion", "-sc"}
+_HYDRA_INFO_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--version",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def config_dir() -> str:
@@ -131,6 +141,11 @@ def _eval_command(cfg) -> None:
     for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
         key = override.get_key_element()
         if key == "run_dir":
+            continue
+        if key == "attack":
+            # The attack is not part of the trained run, so its group may be chosen here:
+            # take the composed group (with any attack.* overrides already applied).
+            stored.attack = cfg.attack
             continue
         if "." not in key:
             raise ConfigError(

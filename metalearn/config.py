@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from metalearn.errors import ConfigError
 
@@ -29,6 +28,23 @@ class AlgoConfig:
     first_order: bool = False
     # Rematerialise each inner step in the backward pass (saves memory, costs compute).
     remat: bool = False
+    # CAML (CAVIA): size of the per-task context vector; inner_lr is the context's lr.
+    context_size: int = 5
+    # Reptile: inner optimizer ("sgd", or "adam" with beta1=0 as in the paper), examples
+    # per inner step (0: the whole set), and whether a training task's inner loop uses
+    # support + query jointly (true) or the support set only (query held out for metrics).
+    inner_optimizer: str = "sgd"
+    inner_batch_size: int = 0
+    train_on_query: bool = True
+    # ADML (conf/algo/adml.yaml): L-inf attack used to craft the adversarial support/query
+    # sets during meta-training. attack_step_size null: 2.5 * eps / attack_steps (PGD only).
+    eps: float = 0.1
+    attack: str = "fgsm"
+    attack_steps: int = 10
+    attack_step_size: float | None = None
+    attack_random_start: bool = True
+    # Craft the adversarial query against the clean-adapted parameters, not the meta-parameters.
+    regenerate_adversarial: bool = False
 
 
 @dataclass
@@ -102,6 +118,19 @@ class EvalConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Adversarial evaluation (conf/attack/): after clean adaptation, the query inputs are
+    attacked against the adapted model. name: none, fgsm or pgd; L-inf radius eps;
+    PGD: steps, step_size (null: 2.5 * eps / steps), random_start."""
+
+    name: str = "none"
+    eps: float = 0.1
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+
+
+@dataclass
 class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -109,6 +138,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
     # For `metalearn eval`: the training run to load. Unused by `metalearn train`.
     run_dir: str | None = None
@@ -119,7 +149,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
-_ALGOS = ("maml",)
 _DATASETS = ("sinusoid", "omniglot")
 _MODELS = ("mlp", "conv4")
 _OPTIMS = ("adam", "sgd")
@@ -139,6 +168,19 @@ def validate(cfg: Any) -> None:
     need(math.isfinite(a.inner_lr) and a.inner_lr > 0, "algo.inner_lr", a.inner_lr, "> 0")
     need(a.inner_steps >= 1, "algo.inner_steps", a.inner_steps, ">= 1")
     need(a.inner_steps_test >= 0, "algo.inner_steps_test", a.inner_steps_test, ">= 0")
+    if a.name == "caml":
+        need(a.context_size >= 1, "algo.context_size", a.context_size, ">= 1 for algo=caml")
+    need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
+    need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
+    need(math.isfinite(a.eps) and a.eps >= 0, "algo.eps", a.eps, "finite and >= 0")
+    need(a.attack in ("fgsm", "pgd"), "algo.attack", a.attack, "fgsm or pgd")
+    need(a.attack_steps >= 1, "algo.attack_steps", a.attack_steps, ">= 1")
+    need(
+        a.attack_step_size is None or a.attack_step_size > 0,
+        "algo.attack_step_size",
+        a.attack_step_size,
+        "> 0 or null",
+    )
 
     need(d.name in _DATASETS, "dataset.name", d.name, f"one of {list(_DATASETS)}")
     need(d.k_shot >= 1, "dataset.k_shot", d.k_shot, ">= 1")
@@ -151,8 +193,12 @@ def validate(cfg: Any) -> None:
         need(d.n_way >= 2, "dataset.n_way", d.n_way, ">= 2 for classification")
         need(d.image_size >= 4, "dataset.image_size", d.image_size, ">= 4")
         if d.manual_dir is not None:
-            need(Path(d.manual_dir).expanduser().is_dir(), "dataset.manual_dir", d.manual_dir,
-                 "an existing directory holding the dataset archives")
+            need(
+                Path(d.manual_dir).expanduser().is_dir(),
+                "dataset.manual_dir",
+                d.manual_dir,
+                "an existing directory holding the dataset archives",
+            )
 
     need(m.name in _MODELS, "model.name", m.name, f"one of {list(_MODELS)}")
     need(m.downsample in ("stride", "maxpool"), "model.downsample", m.downsample, "stride or maxpool")
@@ -179,3 +225,10 @@ def validate(cfg: Any) -> None:
     need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")
+
+    k = getattr(cfg, "attack", None)  # absent from hand-built configs of older code
+    if k is not None:
+        need(k.name in ("none", "fgsm", "pgd"), "attack.name", k.name, "none, fgsm or pgd")
+        need(math.isfinite(k.eps) and k.eps >= 0, "attack.eps", k.eps, "finite and >= 0")
+        need(k.steps >= 1, "attack.steps", k.steps, ">= 1")
+        need(k.step_size is None or k.step_size > 0, "attack.step_size", k.step_size, "> 0 or null")

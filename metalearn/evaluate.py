@@ -7,23 +7,26 @@ from typing import Any
 
 from metalearn.checkpoint import load_checkpoint
 from metalearn.config import validate
-from metalearn.metrics import format_summary, write_json
-from metalearn.train import evaluate_params, init_state, setup
+from metalearn.metrics import write_json
+from metalearn.train import evaluate_final, format_final, init_state, setup
 
 
 def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     """Evaluate the checkpoint in ``cfg.run_dir`` with the (possibly overridden) config ``cfg``.
 
-    Writes results.json (same format as training's) to ``out_dir`` and returns it.
+    Writes results.json (same format as training's) to ``out_dir`` and returns it. With
+    ``cfg.attack`` set (``attack=fgsm``/``pgd``) it also holds ``test_robust`` and ``attack``.
     """
     validate(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = setup(cfg)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
-    test = evaluate_params(exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test)
+    final = evaluate_final(
+        exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
+    )
     results = {
-        "test": test,
+        **final,
         "split": cfg.eval.split,
         "inner_steps_test": cfg.algo.inner_steps_test,
         "algo": cfg.algo.name,
@@ -33,6 +36,9 @@ def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(cfg.run_dir),
     }
     write_json(out_dir / "results.json", results)
-    print(f"{cfg.eval.split} {format_summary(test)} after {cfg.algo.inner_steps_test} inner step(s); "
-          f"results in {out_dir / 'results.json'}", flush=True)
+    print(
+        f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
+        f"results in {out_dir / 'results.json'}",
+        flush=True,
+    )
     return results

@@ -25,7 +25,8 @@ def summarize(values: np.ndarray, metric: str) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     if summary["metric"] == "accuracy":
-        return f"accuracy {100 * summary['mean']:.2f}% +- {100 * summary['ci95']:.2f}% ({summary['n_tasks']} tasks)"
+        mean, ci = 100 * summary["mean"], 100 * summary["ci95"]
+        return f"accuracy {mean:.2f}% +- {ci:.2f}% ({summary['n_tasks']} tasks)"
     return f"{summary['metric']} {summary['mean']:.4f} +- {summary['ci95']:.4f} ({summary['n_tasks']} tasks)"
 
 

@@ -1,7 +1,9 @@
 """Flax models: the sinusoid MLP and the MAML paper's Conv4.
 
 Both are plain ``flax.linen`` modules whose parameters are an ordinary pytree, so
-meta-learning algorithms can differentiate through ``apply(params, x)`` freely.
+meta-learning algorithms can differentiate through ``apply(params, x)`` freely. Either can
+also be built context-conditioned (``make_model(..., context_size=C)``, CAVIA/CAML): then
+``apply(params, x, context)`` takes a context vector (C,) that is not part of ``params``.
 
 Conv4 uses BatchNorm with the statistics of the current batch at train *and* test time
 (no running averages). This is the transductive setting of the MAML paper's code: at
@@ -76,9 +78,7 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.glorot_uniform(), (3, 3, x.shape[-1], self.features)
-        )
+        kernel = self.param("kernel", nn.initializers.glorot_uniform(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         conv = conv3x3_im2col if self.impl == "im2col" else conv3x3_xla
         return conv(x, kernel, self.stride) + bias
@@ -102,14 +102,48 @@ class BatchStatNorm(nn.Module):
         return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
 
 
+def _context_or_zeros(context: jax.Array | None, size: int, dtype: Any) -> jax.Array:
+    """The context vector (size,), or zeros (the state every task starts from) if None."""
+    if context is None:
+        return jnp.zeros((size,), dtype)
+    if context.shape != (size,):
+        raise ValueError(f"context must have shape ({size},), got {context.shape}")
+    return context
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation by a context vector (CAVIA, Zintgraf et al. 2019).
+
+    x: (B, ..., F), context: (C,) -> gamma * x + beta with (gamma, beta) = (1 + W_g c, W_b c)
+    + biases, each (F,). The biases start at zero, so context zero is the identity map and
+    an untrained context does not perturb the shared network; the kernel starts random so
+    the context affects the output (a zero kernel would give the context zero gradient).
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        film = nn.Dense(2 * features, name="dense")(context)
+        gamma, beta = 1.0 + film[:features], film[features:]
+        return gamma * x + beta
+
+
 class MLP(nn.Module):
-    """x: (B, in) -> (B, out). Hidden layers with ReLU; the last layer is named ``head``."""
+    """x: (B, in) -> (B, out). Hidden layers with ReLU; the last layer is named ``head``.
+
+    With ``context_size`` > 0, a context vector (context_size,) is concatenated to every
+    input row (CAVIA's regression network), so ``dense_0``'s kernel is (in + context_size, h).
+    """
 
     hidden: Sequence[int]
     out: int
+    context_size: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if self.context_size:
+            context = _context_or_zeros(context, self.context_size, x.dtype)
+            x = jnp.concatenate([x, jnp.broadcast_to(context, x.shape[:-1] + context.shape)], axis=-1)
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
         return nn.Dense(self.out, name="head")(x)
@@ -121,6 +155,8 @@ class Conv4(nn.Module):
     Each block: 3x3 conv (``filters``) -> BatchNorm (batch statistics) -> ReLU, then either
     stride 2 in the conv (``downsample="stride"``, Omniglot 28x28) or a 2x2 max-pool
     (``downsample="maxpool"``, larger images). The flattened features feed a linear ``head``.
+    With ``context_size`` > 0, :class:`FiLM` (param subtree ``film``) modulates block
+    ``film_block`` between its BatchNorm and ReLU, as in CAVIA's conditioned ConvNet.
     """
 
     out: int
@@ -128,13 +164,21 @@ class Conv4(nn.Module):
     blocks: int = 4
     downsample: str = "stride"
     conv_impl: str = "im2col"
+    # CAVIA: a context vector (context_size,) modulates block ``film_block`` through FiLM.
+    context_size: int = 0
+    film_block: int = 2
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         stride = 2 if self.downsample == "stride" else 1
+        if self.context_size:
+            context = _context_or_zeros(context, self.context_size, x.dtype)
         for i in range(self.blocks):
             x = Conv3x3(self.filters, stride, self.conv_impl, name=f"conv_{i}")(x)
-            x = nn.relu(BatchStatNorm(name=f"norm_{i}")(x))
+            x = BatchStatNorm(name=f"norm_{i}")(x)
+            if self.context_size and i == self.film_block:
+                x = FiLM(name="film")(x, context)
+            x = nn.relu(x)
             if self.downsample == "maxpool":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         x = x.reshape(x.shape[:-3] + (-1,))
@@ -144,18 +188,28 @@ class Conv4(nn.Module):
 class Model(NamedTuple):
     """A model as two pure functions.
 
-    init(key) -> params; apply(params, x) -> predictions, x: (B, *input_shape) -> (B, out).
+    init(key) -> params; apply(params, x, context=None) -> predictions,
+    x: (B, *input_shape) -> (B, out). ``context`` (context_size,) is only accepted by a
+    context-conditioned model (context_size > 0), where None means the zero context.
     """
 
     init: Callable[[jax.Array], Params]
-    apply: Callable[[Params, jax.Array], jax.Array]
+    apply: Callable[..., jax.Array]
     module: nn.Module
+    context_size: int = 0
 
 
-def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int) -> Model:
-    """Build the model named by ``cfg.name`` (a ModelConfig)."""
+def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_size: int = 0) -> Model:
+    """Build the model named by ``cfg.name`` (a ModelConfig).
+
+    context_size > 0 builds the context-conditioned variant (CAVIA): the MLP concatenates
+    the context to its input; Conv4 applies FiLM after the third block (the last block if
+    there are fewer). With context_size = 0 the parameters are exactly the plain model's.
+    """
+    if context_size < 0:
+        raise ValueError(f"context_size must be >= 0, got {context_size}")
     if cfg.name == "mlp":
-        module: nn.Module = MLP(hidden=tuple(cfg.hidden), out=output_dim)
+        module: nn.Module = MLP(hidden=tuple(cfg.hidden), out=output_dim, context_size=context_size)
     elif cfg.name == "conv4":
         module = Conv4(
             out=output_dim,
@@ -163,16 +217,36 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int) -> Model
             blocks=cfg.blocks,
             downsample=cfg.downsample,
             conv_impl=cfg.conv_impl,
+            context_size=context_size,
+            film_block=min(2, cfg.blocks - 1),
         )
     else:  # validated earlier; kept for direct library use
         raise ValueError(f"unknown model {cfg.name!r}")
+    return _wrap(module, input_shape, context_size)
 
+
+def with_context(model: Model, input_shape: tuple[int, ...], context_size: int) -> Model:
+    """``model``'s architecture, conditioned on a context vector of ``context_size``.
+
+    For algorithms (CAML) that receive an already-built plain model and need its
+    context-conditioned twin: same layers and options, plus the context input / FiLM.
+    """
+    if context_size < 1:
+        raise ValueError(f"context_size must be >= 1, got {context_size}")
+    if not isinstance(model.module, MLP | Conv4):
+        raise ValueError(f"{type(model.module).__name__} cannot take a context")
+    return _wrap(model.module.clone(context_size=context_size), input_shape, context_size)
+
+
+def _wrap(module: nn.Module, input_shape: tuple[int, ...], context_size: int) -> Model:
     dummy = jnp.zeros((2, *input_shape), jnp.float32)
 
     def init(key: jax.Array) -> Params:
         return module.init(key, dummy)["params"]
 
-    def apply(params: Params, x: jax.Array) -> jax.Array:
-        return module.apply({"params": params}, x)
+    def apply(params: Params, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if context is not None and not context_size:
+            raise ValueError("this model takes no context (built with context_size=0)")
+        return module.apply({"params": params}, x, context)
 
-    return Model(init, apply, module)
+    return Model(init, apply, module, context_size)

@@ -22,10 +22,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
         lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
     else:
         lr = cfg.lr
-    if cfg.name == "adam":
-        opt = optax.adam(lr)
-    else:
-        opt = optax.sgd(lr, momentum=cfg.momentum or None)
+    opt = optax.adam(lr) if cfg.name == "adam" else optax.sgd(lr, momentum=cfg.momentum or None)
     if cfg.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt

@@ -14,6 +14,7 @@ import optax
 from jax import lax
 
 from metalearn.algos import MetaLearner, Problem, make_algorithm
+from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.checkpoint import save_checkpoint
 from metalearn.config import validate
 from metalearn.errors import MetalearnError
@@ -84,17 +85,23 @@ def make_meta_step(exp: Experiment, meta_batch_size: int):
         grads, metrics = exp.algo.meta_grad(state.params, tasks, algo_key)
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
     return jax.jit(meta_step, donate_argnums=0)
 
 
-def make_evaluator(exp: Experiment, n_tasks: int, batch_size: int, inner_steps: int):
+def make_evaluator(
+    exp: Experiment, n_tasks: int, batch_size: int, inner_steps: int, attack: Attack | None = None
+):
     """Compile ``(params, data, key) -> per-task metric (n_tasks,)``.
 
     Task i is drawn from fold_in(key, i), so the tasks do not depend on ``batch_size``;
     ``batch_size`` tasks are adapted in parallel (vmap), chunks run under ``lax.map``.
+
+    With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
+    same clean adaptation to the same tasks, the query inputs are attacked against the
+    adapted model (loss ``source.loss(predict(params, adapted, x), y)``) and scored again.
     """
     batch_size = min(batch_size, n_tasks)
     n_chunks = math.ceil(n_tasks / batch_size)
@@ -104,13 +111,19 @@ def make_evaluator(exp: Experiment, n_tasks: int, batch_size: int, inner_steps: 
         task_key, adapt_key = jax.random.split(key)
         task = source.sample(data, task_key)
         adapted = algo.adapt(params, task.support_x, task.support_y, adapt_key, inner_steps)
-        return source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+        clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+        if attack is None:
+            return clean
+        query_loss = lambda x: source.loss(algo.predict(params, adapted, x), task.query_y)
+        # A key of its own (from the task's key) so the task and adaptation draws are unchanged.
+        query_adv = attack(query_loss, task.query_x, jax.random.fold_in(key, 1))
+        return clean, source.metric(algo.predict(params, adapted, query_adv), task.query_y)
 
-    def evaluate(params: PyTree, data: PyTree, key: jax.Array) -> jax.Array:
+    def evaluate(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_chunks * batch_size))
         keys = keys.reshape(n_chunks, batch_size, *keys.shape[1:])
         values = lax.map(lambda ks: jax.vmap(task_metric, (None, None, 0))(params, data, ks), keys)
-        return values.reshape(-1)[:n_tasks]
+        return jax.tree.map(lambda v: v.reshape(-1)[:n_tasks], values)
 
     return jax.jit(evaluate)
 
@@ -123,6 +136,41 @@ def evaluate_params(
     fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps)
     values = np.asarray(fn(params, exp.source.splits[split], stream_key(cfg.seed, stream)))
     return summarize(values, exp.source.metric_name)
+
+
+def evaluate_final(
+    exp: Experiment, params: PyTree, cfg: Any, split: str, n_tasks: int, inner_steps: int
+) -> dict[str, Any]:
+    """The final evaluation's results entries: ``test`` (clean summary) and, when
+    ``cfg.attack`` names an attack, ``test_robust`` (same format, on attacked query sets of
+    the same tasks) and ``attack`` (its settings)."""
+    attack_cfg = getattr(cfg, "attack", None)
+    attack = attack_from_config(attack_cfg, exp.source.input_range)
+    if attack is None:
+        return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps)}
+    stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack)
+    clean, robust = fn(params, exp.source.splits[split], stream_key(cfg.seed, stream))
+    settings = {"name": attack_cfg.name, "eps": attack_cfg.eps}
+    if attack_cfg.name == "pgd":
+        step_size = attack_cfg.step_size
+        if step_size is None:  # record the step size actually used
+            step_size = default_step_size(attack_cfg.eps, attack_cfg.steps)
+        settings.update(steps=attack_cfg.steps, step_size=step_size, random_start=attack_cfg.random_start)
+    return {
+        "test": summarize(np.asarray(clean), exp.source.metric_name),
+        "test_robust": summarize(np.asarray(robust), exp.source.metric_name),
+        "attack": settings,
+    }
+
+
+def format_final(entries: dict[str, Any], split: str) -> str:
+    """One line: the clean summary and, side by side, the robust one if present."""
+    line = f"{split} {format_summary(entries['test'])}"
+    if "test_robust" in entries:
+        a = entries["attack"]
+        line += f" | under {a['name']} eps={a['eps']:g}: {format_summary(entries['test_robust'])}"
+    return line
 
 
 def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
@@ -179,14 +227,25 @@ def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
             now = time.perf_counter()
             rate = (step - last_step) / (now - last_time) if step > last_step else float("nan")
             last_time, last_step = now, step
-            logger.log({"step": step, "split": "train", **values, "steps_per_s": rate,
-                        "time_s": now - start})
-            bar.set_postfix({"loss": f"{values['loss']:.4f}", metric: f"{values[metric]:.4f}",
-                             "steps/s": f"{rate:.1f}"}, refresh=False)
+            logger.log({"step": step, "split": "train", **values, "steps_per_s": rate, "time_s": now - start})
+            bar.set_postfix(
+                {"loss": f"{values['loss']:.4f}", metric: f"{values[metric]:.4f}", "steps/s": f"{rate:.1f}"},
+                refresh=False,
+            )
         if t.val_every and step % t.val_every == 0:
-            val = evaluate_params(exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test)
-            logger.log({"step": step, "split": "validation", metric: val["mean"], "ci95": val["ci95"],
-                        "n_tasks": val["n_tasks"], "time_s": time.perf_counter() - start})
+            val = evaluate_params(
+                exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test
+            )
+            logger.log(
+                {
+                    "step": step,
+                    "split": "validation",
+                    metric: val["mean"],
+                    "ci95": val["ci95"],
+                    "n_tasks": val["n_tasks"],
+                    "time_s": time.perf_counter() - start,
+                }
+            )
             bar.write(f"step {step}: validation {format_summary(val)}")
         if checkpoint_due:
             save_checkpoint(run_dir, state)
@@ -196,9 +255,11 @@ def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     train_time = time.perf_counter() - start
     save_checkpoint(run_dir, state)
 
-    test = evaluate_params(exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test)
+    final = evaluate_final(
+        exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
+    )
     results = {
-        "test": test,
+        **final,
         "split": cfg.eval.split,
         "inner_steps_test": cfg.algo.inner_steps_test,
         "algo": cfg.algo.name,
@@ -209,6 +270,9 @@ def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         "compile_time_s": compile_s,
     }
     write_json(run_dir / "results.json", results)
-    print(f"{cfg.eval.split} {format_summary(test)} after {cfg.algo.inner_steps_test} inner step(s); "
-          f"results in {run_dir / 'results.json'}", flush=True)
+    print(
+        f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
+        f"results in {run_dir / 'results.json'}",
+        flush=True,
+    )
     return results

@@ -32,7 +32,7 @@ def synthetic_image_arrays(n_classes=12, per_class=20, size=8, seed=0) -> dict[s
     that identifies (s, c), so a sampled image reveals exactly where it came from."""
     arrays = {}
     rng = np.random.default_rng(seed)
-    for s, split in enumerate(("train", "validation", "test")):
+    for split in ("train", "validation", "test"):
         base = (rng.random((n_classes, per_class, size, size, 1)) > 0.5).astype(np.uint8) * 255
         arrays[split] = base
     return arrays

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_OMNIGLOT
 
 TINY = [
@@ -26,7 +25,11 @@ TINY = [
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "metalearn.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "metalearn.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     if check and proc.returncode != 0:
@@ -63,7 +66,9 @@ def test_train_writes_run_dir(sinusoid_run):
 
 
 def test_same_seed_same_numbers(sinusoid_run, tmp_path):
-    run_cli("train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    run_cli(
+        "train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path
+    )
     assert _train_records(tmp_path / "again") == _train_records(sinusoid_run)
     first = json.loads((sinusoid_run / "results.json").read_text())["test"]
     second = json.loads((tmp_path / "again" / "results.json").read_text())["test"]
@@ -78,7 +83,9 @@ def test_eval_reloads_run_and_reproduces_test_result(sinusoid_run, tmp_path):
     trained = json.loads((sinusoid_run / "results.json").read_text())
     assert reloaded["test"] == trained["test"]  # same checkpoint, same test tasks
 
-    proc = run_cli("eval", f"run_dir={sinusoid_run}", "algo.inner_steps_test=5", "eval.n_tasks=40", cwd=tmp_path)
+    proc = run_cli(
+        "eval", f"run_dir={sinusoid_run}", "algo.inner_steps_test=5", "eval.n_tasks=40", cwd=tmp_path
+    )
     assert "after 5 inner step(s)" in proc.stdout
     newest = max((sinusoid_run / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
     more_steps = json.loads(newest.read_text())
@@ -127,8 +134,16 @@ def test_help_and_cfg(tmp_path):
 def test_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(
-        "train", "-m", "algo=maml,fomaml", "trainer.steps=5", "trainer.log_every=5", "trainer.val_every=0",
-        "trainer.progress=false", "eval.n_tasks=10", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        "train",
+        "-m",
+        "algo=maml,fomaml",
+        "trainer.steps=5",
+        "trainer.log_every=5",
+        "trainer.val_every=0",
+        "trainer.progress=false",
+        "eval.n_tasks=10",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
     )
     results = sorted(sweep.glob("*/results.json"))
     assert len(results) == 2
@@ -139,10 +154,20 @@ def test_multirun_sweep(tmp_path):
 def test_omniglot_small_from_shared_archives(tmp_path):
     run_dir = tmp_path / "run"
     run_cli(
-        "train", "dataset=omniglot", "dataset.variant=small", f"dataset.manual_dir={SHARED_OMNIGLOT}",
-        f"dataset.data_dir={tmp_path / 'data'}", "model.filters=8", "trainer.steps=4", "trainer.log_every=2",
-        "trainer.val_every=0", "trainer.meta_batch_size=4", "trainer.progress=false", "eval.n_tasks=10",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+        "train",
+        "dataset=omniglot",
+        "dataset.variant=small",
+        f"dataset.manual_dir={SHARED_OMNIGLOT}",
+        f"dataset.data_dir={tmp_path / 'data'}",
+        "model.filters=8",
+        "trainer.steps=4",
+        "trainer.log_every=2",
+        "trainer.val_every=0",
+        "trainer.meta_batch_size=4",
+        "trainer.progress=false",
+        "eval.n_tasks=10",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
     )
     test = json.loads((run_dir / "results.json").read_text())["test"]
     assert test["metric"] == "accuracy" and 0.0 <= test["mean"] <= 1.0 and test["n_tasks"] == 10
@@ -153,9 +178,15 @@ def test_omniglot_missing_archives_fail_fast(tmp_path):
     empty.mkdir()
     run_dir = tmp_path / "run"
     proc = run_cli(
-        "train", "dataset=omniglot", "dataset.variant=small", f"dataset.manual_dir={empty}",
-        f"dataset.data_dir={tmp_path / 'data'}", "dataset.download=false", f"hydra.run.dir={run_dir}",
-        cwd=tmp_path, check=False,
+        "train",
+        "dataset=omniglot",
+        "dataset.variant=small",
+        f"dataset.manual_dir={empty}",
+        f"dataset.data_dir={tmp_path / 'data'}",
+        "dataset.download=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=False,
     )
     assert proc.returncode == 2
     assert "images_background_small1.zip" in proc.stderr and "dataset.manual_dir" in proc.stderr

@@ -12,8 +12,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import make_cfg, synthetic_image_arrays
+
 from metalearn.algos import Problem, make_algorithm
 from metalearn.models import make_model
 from metalearn.tasks import image_source, sinusoid_source
@@ -53,7 +53,9 @@ def _reference_outer_loss(problem, params, task, lr, steps, first_order):
 def _mean_reference_loss(problem, params, tasks, lr, steps, first_order):
     n = tasks.support_x.shape[0]
     losses = [
-        _reference_outer_loss(problem, params, jax.tree.map(lambda a, i=i: a[i], tasks), lr, steps, first_order)
+        _reference_outer_loss(
+            problem, params, jax.tree.map(lambda a, i=i: a[i], tasks), lr, steps, first_order
+        )
         for i in range(n)
     ]
     return sum(losses) / n
@@ -104,10 +106,16 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params(float64, kind)
         task = jax.tree.map(lambda a, i=i: a[i], tasks)
         p = params
         for _ in range(3):
-            gs = jax.grad(lambda q, t=task: problem.source.loss(problem.model.apply(q, t.support_x), t.support_y))(p)
+            gs = jax.grad(
+                lambda q, t=task: problem.source.loss(problem.model.apply(q, t.support_x), t.support_y)
+            )(p)
             p = jax.tree.map(lambda w, gw: w - 0.05 * gw, p, gs)
         per_task.append(
-            _flat(jax.grad(lambda q, t=task: problem.source.loss(problem.model.apply(q, t.query_x), t.query_y))(p))
+            _flat(
+                jax.grad(lambda q, t=task: problem.source.loss(problem.model.apply(q, t.query_x), t.query_y))(
+                    p
+                )
+            )
         )
     expected = sum(per_task) / 3
     np.testing.assert_allclose(np.asarray(_flat(grads)), np.asarray(expected), rtol=1e-9, atol=1e-12)
@@ -140,11 +148,15 @@ def test_vmapped_meta_step_equals_mean_of_per_task_loop(float64):
     grads = []
     for k in task_keys:
         task = exp.source.sample({}, k)
-        grads.append(_flat(jax.grad(lambda p, t=task: _reference_outer_loss(problem, p, t, 0.02, 2, False))(params0)))
+        grads.append(
+            _flat(jax.grad(lambda p, t=task: _reference_outer_loss(problem, p, t, 0.02, 2, False))(params0))
+        )
     expected = _flat(params0) - sum(grads) / 4
 
     new_state, metrics = make_meta_step(exp, 4)(state, exp.source.splits["train"])
-    np.testing.assert_allclose(np.asarray(_flat(new_state.params)), np.asarray(expected), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(_flat(new_state.params)), np.asarray(expected), rtol=1e-9, atol=1e-12
+    )
     assert int(new_state.step) == 1
 
 

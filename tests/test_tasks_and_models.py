@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_cfg
 from jax import lax
 
-from conftest import make_cfg
 from metalearn.errors import ConfigError
 from metalearn.models import Conv4, conv3x3_im2col, conv3x3_xla, make_model
 from metalearn.tasks import image_source, sample_episode, sample_sinusoid
@@ -50,7 +50,9 @@ def test_episode_disjoint_consistent_labels_and_split(split_id):
         assert set(s_split) == {split_id} and set(q_split) == {split_id}
         # n_way distinct classes, each label maps to exactly one class, the same in support and query
         label_to_class = {}
-        for y, c in zip(np.concatenate([task.support_y, task.query_y]), np.concatenate([s_cls, q_cls]), strict=True):
+        for y, c in zip(
+            np.concatenate([task.support_y, task.query_y]), np.concatenate([s_cls, q_cls]), strict=True
+        ):
             assert label_to_class.setdefault(int(y), int(c)) == int(c)
         assert sorted(label_to_class) == list(range(n_way))
         assert len(set(label_to_class.values())) == n_way
@@ -92,7 +94,11 @@ def test_im2col_conv_equals_lax_conv(size, stride, channels):
     x = jax.random.normal(kx, (3, size, size, channels))
     kernel = jax.random.normal(kk, (3, 3, channels, 5))
     reference = lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x,
+        kernel,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=lax.Precision.HIGHEST,
     )
     np.testing.assert_allclose(conv3x3_im2col(x, kernel, stride), reference, rtol=1e-4, atol=1e-4)

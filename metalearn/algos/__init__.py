@@ -1,11 +1,21 @@
 """Registry of meta-learning algorithms: ``algo.name`` -> constructor(cfg, problem)."""
 
+from metalearn.algos.adml import make_adml
+from metalearn.algos.anil import make_anil
 from metalearn.algos.base import MetaLearner, Problem, inner_sgd
+from metalearn.algos.caml import make_caml
 from metalearn.algos.maml import make_maml
+from metalearn.algos.metasgd import make_metasgd
+from metalearn.algos.reptile import make_reptile
 
 ALGORITHMS = {
     "maml": make_maml,
     "fomaml": make_maml,
+    "adml": make_adml,
+    "caml": make_caml,
+    "metasgd": make_metasgd,
+    "reptile": make_reptile,
+    "anil": make_anil,
 }
 
 
