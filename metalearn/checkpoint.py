@@ -1,41 +1,195 @@
-"""Checkpoints: the whole training state serialised with flax (msgpack), written atomically."""
+"""Checkpoints of the whole training state (orbax), with fallback past corrupt ones.
+
+Layout: ``<run dir>/checkpoints/<step>/`` for the newest ``trainer.keep_checkpoints``
+steps. Orbax writes each step into a temporary directory and renames it into place when
+complete, so a crash or SIGKILL mid-write leaves only a ``*.orbax-checkpoint-tmp-*``
+directory that is never mistaken for a checkpoint. Saving is synchronous (no background
+thread): when ``save`` returns, the step is on disk, which is what pre-emption needs.
+
+The state is :class:`metalearn.train.TrainState` (step, params, optimizer state, PRNG key,
+skipped-step count). Task sampling is stateless (step ``s`` draws from
+``fold_in(key, s)``), so step and key restore the sampler exactly.
+
+Run dirs of older versions hold a single ``checkpoint.msgpack``; it is still read.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from flax import serialization
+import jax
+import numpy as np
 
 from metalearn.errors import DataError
 
-CHECKPOINT_NAME = "checkpoint.msgpack"
+CHECKPOINT_DIR = "checkpoints"
+LEGACY_NAME = "checkpoint.msgpack"
+# Written into a step dir after orbax has finished it: sha256 of every file. A step without
+# it was never completed; a file that differs from it was damaged later. Checking it first
+# also keeps tensorstore from failing deep inside a restore.
+MANIFEST_NAME = "metalearn_manifest.json"
+
+log = logging.getLogger(__name__)
 
 
-def save_checkpoint(run_dir: Path, state: Any) -> Path:
-    """Write ``state`` (params, optimizer state, step, RNG key) to run_dir/checkpoint.msgpack.
-
-    Written to a temporary file, fsynced, then renamed over the old one, so a crash mid-write
-    leaves the previous checkpoint intact.
-    """
-    path = Path(run_dir) / CHECKPOINT_NAME
-    tmp = path.with_suffix(".tmp")
-    data = serialization.to_bytes(state)
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps with a (possibly incomplete) checkpoint directory, newest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted((int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
 
 
-def load_checkpoint(run_dir: Path, template: Any) -> Any:
-    """Restore a state shaped like ``template`` from run_dir/checkpoint.msgpack."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DataError(f"no checkpoint at {path}: is run_dir a finished `metalearn train` run?")
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return bool(checkpoint_steps(run_dir)) or (Path(run_dir) / LEGACY_NAME).is_file()
+
+
+def _manager(run_dir: Path, keep: int | None, create: bool):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=create)
+    return ocp.CheckpointManager((Path(run_dir) / CHECKPOINT_DIR).resolve(), options=options)
+
+
+class CheckpointWriter:
+    """Saves a state per step into run_dir/checkpoints/, keeping the newest ``keep``."""
+
+    def __init__(self, run_dir: str | Path, keep: int):
+        self._manager = _manager(Path(run_dir), keep, create=True)
+
+    def save(self, state: Any) -> None:
+        import orbax.checkpoint as ocp
+
+        step = int(state.step)
+        if step in self._manager.all_steps():
+            return  # this exact step is already on disk (e.g. the final save after a periodic one)
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.wait_until_finished()
+        step_dir = Path(self._manager.directory) / str(step)
+        tmp = step_dir / (MANIFEST_NAME + ".tmp")
+        with tmp.open("w") as f:
+            json.dump(_file_hashes(step_dir), f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(step_dir / MANIFEST_NAME)
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _file_hashes(step_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(step_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and not p.name.startswith(MANIFEST_NAME)
+    }
+
+
+def _verify(step_dir: Path) -> None:
+    """Raise ValueError unless step_dir is complete and unchanged since it was written."""
+    manifest = step_dir / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ValueError("incomplete (no manifest: the write did not finish)")
     try:
-        return serialization.from_bytes(template, path.read_bytes())
+        expected = json.loads(manifest.read_text())
+    except ValueError:
+        raise ValueError(f"unreadable {MANIFEST_NAME}") from None
+    actual = _file_hashes(step_dir)
+    for name, digest in expected.items():
+        if name not in actual:
+            raise ValueError(f"missing file {name}")
+        if actual[name] != digest:
+            raise ValueError(f"file {name} differs from when it was written (truncated or damaged)")
+
+
+def _check_like(restored: Any, template: Any, step: int) -> None:
+    """Raise ValueError unless ``restored`` has the template's structure, shapes and dtypes."""
+    if jax.tree.structure(restored) != jax.tree.structure(template):
+        raise ValueError("state structure differs from this config's (another model or optimizer?)")
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(template), strict=True):
+        if np.shape(got) != np.shape(want) or np.asarray(got).dtype != np.asarray(want).dtype:
+            raise ValueError(
+                f"array {np.shape(got)} {np.asarray(got).dtype} where {np.shape(want)} is expected"
+            )
+    if int(restored.step) != step:
+        raise ValueError(f"holds step {int(restored.step)}")
+
+
+def _load_legacy(path: Path, template: Any) -> Any:
+    from flax import serialization
+
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+        # Older states had no skipped-step count.
+        if isinstance(raw, dict) and "skipped" in template._fields and "skipped" not in raw:
+            raw["skipped"] = np.zeros((), np.int32)
+        return serialization.from_state_dict(template, raw)
     except Exception as err:  # msgpack/shape errors: report, don't traceback
         raise DataError(f"corrupt or incompatible checkpoint {path}: {type(err).__name__}: {err}") from None
+
+
+def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False) -> Any | None:
+    """The newest checkpoint of run_dir that restores cleanly into ``template``'s shape.
+
+    A step that fails (truncated files, a half-written directory, wrong shapes) is reported
+    as a one-line warning and the next older one is tried. With ``quarantine`` (resume), a
+    failed step directory is renamed to ``corrupt-<step>`` so that training can write that
+    step again; nothing is deleted. Returns None if run_dir has no checkpoint at all;
+    raises DataError if checkpoints exist but none is usable.
+    """
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        legacy = run_dir / LEGACY_NAME
+        return _load_legacy(legacy, template) if legacy.is_file() else None
+    manager = _manager(run_dir, None, create=False)
+    failures = []
+    try:
+        for step in steps:
+            try:
+                _verify(run_dir / CHECKPOINT_DIR / str(step))
+                restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+                _check_like(restored, template, step)
+                return restored
+            except Exception as err:  # any read/parse failure means: not usable
+                reason = _first_line(err)
+                failures.append(f"step {step}: {reason}")
+                log.warning(
+                    "checkpoint %s is unusable (%s); trying an older one",
+                    run_dir / CHECKPOINT_DIR / str(step),
+                    reason,
+                )
+                if quarantine:
+                    src = run_dir / CHECKPOINT_DIR / str(step)
+                    dest, n = src.with_name(f"corrupt-{step}"), 1
+                    while dest.exists():
+                        dest, n = src.with_name(f"corrupt-{step}-{n}"), n + 1
+                    shutil.move(src, dest)
+    finally:
+        manager.close()
+    raise DataError(f"no usable checkpoint in {run_dir / CHECKPOINT_DIR}: {'; '.join(failures)}")
+
+
+def load_checkpoint(run_dir: str | Path, template: Any) -> Any:
+    """The newest usable checkpoint of a run dir (see :func:`restore_latest`); DataError if none."""
+    state = restore_latest(run_dir, template)
+    if state is None:
+        raise DataError(
+            f"no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: is run_dir a `metalearn train` run dir?"
+        )
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= 200 else line[:200] + "..."  # tensorstore errors run to pages
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

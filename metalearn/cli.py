@@ -16,8 +16,10 @@ from pathlib import Path
 USAGE = """usage: metalearn <command> [overrides] [hydra flags]
 
 commands:
-  train   meta-train and evaluate (config: conf/config.yaml)
-  eval    evaluate a finished run: metalearn eval run_dir=<run dir> [overrides]
+  train      meta-train and evaluate (config: conf/config.yaml)
+  eval       evaluate a finished run: metalearn eval run_dir=<run dir> [overrides]
+  reproduce  run a suite of experiment presets over seeds, then report (metalearn reproduce --help)
+  report     aggregate a sweep dir (or any dir of runs) into a table and plots: metalearn report DIR
 
 `metalearn <command> --help` lists the config groups and options.
 """
@@ -45,14 +47,62 @@ def config_dir() -> str:
     raise FileNotFoundError(f"metalearn config directory not found near {here}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     print(f"metalearn: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# Set by precheck/_run_guarded (same process as the Hydra jobs): a run dir that did not exist
+# before this command (removed again if its job fails before checkpointing), and the
+# failed/total jobs of a multirun sweep.
+_STATE: dict = {"fresh_run_dir": True, "failed_jobs": [], "jobs": 0}
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o and _override_key(o) == key]
+    return values[-1] if values else None
+
+
+def _check_writable(key: str, target: str) -> None:
+    """Exit 2 unless ``target`` (a dir to be created) can be created or written to."""
+    path = Path(target).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"invalid {key}={target}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"invalid {key}={target}: {existing} is not writable")
+
+
+def _with_stored_overrides(rest: list[str]) -> list[str]:
+    """For ``trainer.resume=true hydra.run.dir=DIR`` (not a sweep): DIR's original
+    overrides (DIR/.hydra/overrides.yaml) come first, so the short form resumes the same
+    config; overrides given now still win."""
+    resume = _override_value(rest, "trainer.resume") in ("true", "True")
+    if not resume or "-m" in rest or "--multirun" in rest:
+        return rest
+    run_dir = _override_value(rest, "hydra.run.dir")
+    stored = Path(run_dir or "") / ".hydra" / "overrides.yaml"
+    if run_dir is None or not stored.is_file():
+        return rest
+    from omegaconf import OmegaConf
+
+    try:
+        previous = [str(o) for o in OmegaConf.to_container(OmegaConf.load(stored))]
+    except Exception as err:  # a damaged file: say which, don't guess the config
+        _fail(f"cannot read {stored} ({_first_line(err)}): repeat the run's overrides instead")
+    given = {_override_key(o) for o in rest if not o.startswith("-")}
+    return [o for o in previous if _override_key(o) not in given] + rest
 
 
 def _single_run_overrides(overrides: list[str]) -> list[str]:
@@ -77,6 +127,7 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
     from metalearn.config import validate
     from metalearn.errors import MetalearnError
 
+    overrides_all = overrides
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         single = _single_run_overrides(overrides) if multirun else overrides
@@ -98,32 +149,87 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
         validate(cfg)
     except MetalearnError as err:
         _fail(str(err))
+    _precheck_output(overrides_all, cfg, multirun)
 
 
-def _run_guarded(fn, cfg) -> None:
-    """Run a command; a MetalearnError becomes one line on stderr and exit code 2."""
+def _precheck_output(overrides: list[str], cfg, multirun: bool) -> None:
+    """The run (or sweep) dir must be creatable; an existing run's checkpoints are only
+    reused with trainer.resume=true (never overwritten by a fresh run)."""
+    from metalearn.checkpoint import has_checkpoint
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    target = _override_value(overrides, key)
+    _check_writable(key, target if target is not None else "outputs")
+    if multirun or target is None:
+        return
+    _STATE["fresh_run_dir"] = not Path(target).exists()
+    if not cfg.trainer.resume and has_checkpoint(target):
+        _fail(
+            f"hydra.run.dir={target} already holds checkpoints: add trainer.resume=true to continue "
+            "that run, or choose another dir"
+        )
+
+
+def _remove_failed_output(out: Path, command) -> None:
+    """Remove the dir Hydra created for a job that failed before producing anything, so a
+    failed command leaves the disk as it was (an existing run dir is never removed)."""
+    import shutil
+
+    from metalearn.checkpoint import has_checkpoint
+
+    if (out / "results.json").exists() or has_checkpoint(out):
+        return
+    if command is _eval_command:  # <run_dir>/eval/<time>/ is always new
+        shutil.rmtree(out, ignore_errors=True)
+        if out.parent.name == "eval" and not any(out.parent.iterdir()):
+            out.parent.rmdir()
+    elif _STATE["fresh_run_dir"]:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_guarded(fn, cfg) -> float | None:
+    """Run a command; a MetalearnError becomes one line on stderr and its exit code (2;
+    128 + signal for a pre-empted training run).
+
+    In a multirun sweep a failing job does not stop the others: its message goes to
+    ``error.txt`` in its job dir and stderr, and :func:`main` exits 2 after the sweep.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     from metalearn.errors import MetalearnError
+    from metalearn.train import Preempted
 
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    out = Path(HydraConfig.get().runtime.output_dir)
+    _STATE["jobs"] += 1
     try:
-        fn(cfg)
+        # A train job's return value is its test metric: the objective a Hydra sweeper
+        # such as Optuna minimises or maximises (the basic sweeper ignores it).
+        return fn(cfg)
+    except Preempted as err:
+        _fail(str(err), err.exit_code)  # also ends a sweep: the machine is going away
     except MetalearnError as err:
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            # Keep the sweep going; record the failure in the job dir for reports.
-            out = Path(HydraConfig.get().runtime.output_dir)
+        if multirun:
             (out / "error.txt").write_text(str(err) + "\n")
-            print(f"metalearn: error: {err}", file=sys.stderr, flush=True)
-            raise
-        _fail(str(err))
+            print(f"metalearn: error: {out.name}: {err}", file=sys.stderr, flush=True)
+            _STATE["failed_jobs"].append(str(out))
+            return
+        _remove_failed_output(out, fn)
+        _fail(str(err), err.exit_code)
 
 
-def _train_command(cfg) -> None:
+def _train_command(cfg) -> float:
+    import shlex
+
     from hydra.core.hydra_config import HydraConfig
 
     from metalearn.train import train
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    kept = [o for o in hc.overrides.task if _override_key(o) != "trainer.resume"]
+    resume = [*kept, "trainer.resume=true", f"hydra.run.dir={hc.runtime.output_dir}"]
+    results = train(cfg, hc.runtime.output_dir, "metalearn train " + shlex.join(resume))
+    return float(results["test"]["mean"])
 
 
 def _eval_command(cfg) -> None:
@@ -165,16 +271,36 @@ def _hydra_entry(config_name: str, command):
     register_configs()
 
     @hydra.main(config_path=config_dir(), config_name=config_name, version_base=None)
-    def entry(cfg) -> None:
+    def entry(cfg) -> float | None:
         # Hydra sets the root logger to INFO; JAX's backend probing is noise at that level.
         logging.getLogger("jax").setLevel(logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)
-        _run_guarded(command, cfg)
+        return _run_guarded(command, cfg)
 
     return entry
 
 
-COMMANDS = {"train": ("config", _train_command), "eval": ("eval", _eval_command)}
+def _reproduce_command(argv: list[str]) -> int:
+    from metalearn.reproduce import main as reproduce_main
+
+    return reproduce_main(argv)
+
+
+def _report_command(argv: list[str]) -> int:
+    from metalearn.report import main as report_main
+
+    return report_main(argv)
+
+
+# name -> (Hydra config name, function). A config name of None marks a plain argparse
+# command that takes the raw argv and does not go through Hydra (reproduce and report
+# drive or read `metalearn train` runs; they have no run dir of their own).
+COMMANDS = {
+    "train": ("config", _train_command),
+    "eval": ("eval", _eval_command),
+    "reproduce": (None, _reproduce_command),
+    "report": (None, _report_command),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     config_name, fn = COMMANDS[command]
+    if config_name is None:
+        sys.exit(fn(rest))
     # Quieter TF/absl logs from tensorflow-datasets; JAX on CPU unless told otherwise.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -193,11 +321,16 @@ def main(argv: list[str] | None = None) -> None:
 
     register_configs()
     flags = {a.split("=")[0] for a in rest if a.startswith("-")}
+    if command == "train":
+        rest = _with_stored_overrides(rest)
     if not flags & _HYDRA_INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})
         precheck(config_name, [a for a in rest if not a.startswith("-")], multirun)
     sys.argv = [f"metalearn {command}", *rest]
     _hydra_entry(config_name, fn)()
+    failed = _STATE["failed_jobs"]
+    if failed:
+        _fail(f"{len(failed)} of {_STATE['jobs']} sweep jobs failed (see error.txt in {', '.join(failed)})")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ class TrainerConfig:
     val_tasks: int = 200
     checkpoint_every: int = 5000
     progress: bool = True
+    # Checkpoints kept in <run dir>/checkpoints/ (the newest N; older ones are deleted).
+    keep_checkpoints: int = 3
+    # Continue from the newest complete checkpoint of hydra.run.dir (see README, Reliability).
+    resume: bool = False
+    # A non-finite loss or gradient: "stop" (exit 2, last checkpoint kept) or "skip" (the
+    # update is not applied; the step still advances and is counted in skipped_steps).
+    on_nan: str = "stop"
+    # Also write TensorBoard event files (run dir /tensorboard/); needs the `tensorboard`
+    # extra (tensorboardX): pip install "metalearn[tensorboard]".
+    tensorboard: bool = False
 
 
 @dataclass
@@ -131,6 +141,21 @@ class AttackConfig:
 
 
 @dataclass
+class PaperConfig:
+    """A published number an experiment preset (conf/experiment/) reproduces. Informational:
+    copied into results.json and shown next to ours by `metalearn reproduce` / `report`.
+    Empty (source "") for ad-hoc runs."""
+
+    source: str = ""
+    # "accuracy" or "mse", as in results.json; value/ci95 in the same units (accuracy as a
+    # fraction, e.g. 0.987 for 98.7%).
+    metric: str = ""
+    value: float | None = None
+    ci95: float | None = None
+    note: str = ""
+
+
+@dataclass
 class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -139,6 +164,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # Set by experiment presets: the paper's reported result for this setting.
+    paper: PaperConfig = field(default_factory=PaperConfig)
     seed: int = 0
     # For `metalearn eval`: the training run to load. Unused by `metalearn train`.
     run_dir: str | None = None
@@ -152,6 +179,10 @@ def register_configs() -> None:
 _DATASETS = ("sinusoid", "omniglot")
 _MODELS = ("mlp", "conv4")
 _OPTIMS = ("adam", "sgd")
+# Omniglot facts (metalearn/data/omniglot.py), repeated here so validation needs no data
+# imports: drawings per character and the characters of the smallest (validation) split.
+_OMNIGLOT_DRAWINGS = 20
+_OMNIGLOT_CLASSES = {"standard": 100, "small": 20}
 
 
 def validate(cfg: Any) -> None:
@@ -192,6 +223,28 @@ def validate(cfg: Any) -> None:
     else:
         need(d.n_way >= 2, "dataset.n_way", d.n_way, ">= 2 for classification")
         need(d.image_size >= 4, "dataset.image_size", d.image_size, ">= 4")
+        need(
+            d.variant in _OMNIGLOT_CLASSES,
+            "dataset.variant",
+            d.variant,
+            f"one of {sorted(_OMNIGLOT_CLASSES)}",
+        )
+        # Episode shapes the real archives cannot hold fail here, before any data is read
+        # (tasks.image_source checks the loaded arrays again, e.g. for custom archives).
+        per_class = _OMNIGLOT_DRAWINGS
+        need(
+            d.k_shot + d.k_query <= per_class,
+            "dataset.k_shot + dataset.k_query",
+            d.k_shot + d.k_query,
+            f"<= {per_class} (images per Omniglot class)",
+        )
+        classes = _OMNIGLOT_CLASSES[d.variant] * (4 if d.rotations else 1)
+        need(
+            d.n_way <= classes,
+            "dataset.n_way",
+            d.n_way,
+            f"<= {classes} (classes of the smallest split of Omniglot {d.variant}, rotations={d.rotations})",
+        )
         if d.manual_dir is not None:
             need(
                 Path(d.manual_dir).expanduser().is_dir(),
@@ -222,6 +275,17 @@ def validate(cfg: Any) -> None:
     need(t.val_every >= 0, "trainer.val_every", t.val_every, ">= 0 (0 disables validation)")
     need(t.val_tasks >= 1, "trainer.val_tasks", t.val_tasks, ">= 1")
     need(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, ">= 0")
+    if t.tensorboard:  # checked here so a missing extra fails before any run dir is written
+        import importlib.util
+
+        need(
+            importlib.util.find_spec("tensorboardX") is not None,
+            "trainer.tensorboard",
+            True,
+            'false, or install the extra: pip install "metalearn[tensorboard]" (tensorboardX)',
+        )
+    need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, ">= 1")
+    need(t.on_nan in ("stop", "skip"), "trainer.on_nan", t.on_nan, "stop or skip")
     need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")

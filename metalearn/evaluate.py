@@ -34,6 +34,7 @@ def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "steps": int(state.step),
         "run_dir": str(cfg.run_dir),
+        "paper": dict(cfg.paper) if "paper" in cfg else None,
     }
     write_json(out_dir / "results.json", results)
     print(

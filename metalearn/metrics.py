@@ -31,15 +31,40 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line; each write is flushed so a crash loses nothing."""
+    """Appends one JSON object per line; each write is flushed so a crash loses nothing.
 
-    def __init__(self, path: Path):
+    With ``tensorboard=True`` every numeric field of a record is also written as a
+    TensorBoard scalar ``<split>/<field>`` at ``record["step"]`` to event files in
+    ``<dir of path>/tensorboard/`` (tensorboardX, imported only then: it is an optional
+    extra). metrics.jsonl stays the record of truth; the event files are for viewing.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False):
         self.path = Path(path)
+        self._writer = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as err:  # validate() normally catches this earlier
+                from metalearn.errors import ConfigError
+
+                raise ConfigError(
+                    'trainer.tensorboard=true needs tensorboardX: pip install "metalearn[tensorboard]"'
+                ) from err
+            self._writer = SummaryWriter(logdir=str(self.path.parent / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        if self._writer is not None and "step" in record:
+            split = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split") and isinstance(value, int | float) and math.isfinite(value):
+                    self._writer.add_scalar(f"{split}/{key}", value, record["step"])
+            # Logs are sparse (every trainer.log_every steps): flush so a live TensorBoard
+            # and a killed run both see everything logged so far.
+            self._writer.flush()
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,9 +20,9 @@ from jax import lax
 
 from metalearn.algos import MetaLearner, Problem, make_algorithm
 from metalearn.attacks import Attack, attack_from_config, default_step_size
-from metalearn.checkpoint import save_checkpoint
+from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
-from metalearn.errors import MetalearnError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
@@ -35,12 +40,14 @@ class TrainingError(MetalearnError):
 
 class TrainState(NamedTuple):
     """Everything needed to continue training: step (int32 scalar), meta-parameters,
-    optimizer state, and the base PRNG key from which step ``s`` derives fold_in(key, s)."""
+    optimizer state, the base PRNG key from which step ``s`` derives fold_in(key, s), and
+    the number of meta-steps whose update was skipped as non-finite (trainer.on_nan=skip)."""
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     key: jax.Array
+    skipped: jax.Array
 
 
 class Experiment(NamedTuple):
@@ -69,12 +76,23 @@ def init_state(exp: Experiment, seed: int) -> TrainState:
         params=params,
         opt_state=exp.optimizer.init(params),
         key=stream_key(seed, _TRAIN_STREAM),
+        skipped=jnp.zeros((), jnp.int32),
     )
 
 
-def make_meta_step(exp: Experiment, meta_batch_size: int):
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def make_meta_step(exp: Experiment, meta_batch_size: int, skip_nonfinite: bool = False):
     """Compile ``(state, data) -> (state, metrics)``: sample a batch of tasks on device,
-    take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated."""
+    take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated.
+
+    With ``skip_nonfinite`` a step whose loss, gradient norm or new parameters are not all
+    finite keeps the old parameters and optimizer state (the step still advances, so the
+    next step draws new tasks) and adds one to ``state.skipped``.
+    """
 
     def meta_step(state: TrainState, data: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.key, state.step)
@@ -86,7 +104,16 @@ def make_meta_step(exp: Experiment, meta_batch_size: int):
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
+        skipped = state.skipped
+        if skip_nonfinite:
+            # Decided inside jit, so a bad update never leaves the device; params are
+            # checked too, because a finite gradient times a huge lr can still overflow.
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & _all_finite(params)
+            keep = lambda new, old: jnp.where(ok, new, old)
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            skipped = skipped + (~ok).astype(skipped.dtype)
+        return TrainState(state.step + 1, params, opt_state, state.key, skipped), metrics
 
     return jax.jit(meta_step, donate_argnums=0)
 
@@ -178,7 +205,8 @@ def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
         bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
         raise TrainingError(
             f"non-finite values at step {step} ({bad}); stopped without overwriting the last "
-            f"checkpoint in {run_dir} (try a lower algo.inner_lr or optim.lr, or optim.clip_norm)"
+            f"checkpoint in {run_dir} (try a lower algo.inner_lr or optim.lr, optim.clip_norm, "
+            "or trainer.on_nan=skip)"
         )
 
 
@@ -186,23 +214,113 @@ def _floats(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Meta-train as configured; write metrics.jsonl, checkpoint and results.json to run_dir.
+class Preempted(MetalearnError):
+    """Training stopped on SIGTERM/SIGINT after checkpointing; exit code 128 + signal number
+    (143 for SIGTERM, 130 for SIGINT), the shell's convention for "ended by a signal"."""
 
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _StopSignals:
+    """While active, a first SIGTERM/SIGINT only sets ``signum``: the loop finishes the
+    current step, checkpoints it and stops. A second one exits at once. The previous
+    handlers are restored on exit. Does nothing outside the main thread, where Python
+    cannot install handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            print(
+                f"metalearn: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True
+            )
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (resume logs the later ones again).
+
+    Rewritten atomically; a line cut short by a kill is dropped.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write("".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> dict[str, Any]:
+    """Meta-train as configured; write metrics.jsonl, checkpoints and results.json to run_dir.
+
+    With ``trainer.resume`` training continues from the newest usable checkpoint in run_dir
+    (metrics of later steps are dropped and logged again). SIGTERM/SIGINT checkpoint the
+    current step and raise :class:`Preempted`, whose message ends with ``resume_command``.
     Returns the results dict (also saved as results.json).
     """
     from tqdm.auto import tqdm
 
     validate(cfg)
+    t = cfg.trainer
     run_dir = Path(run_dir)
+    if not t.resume and has_checkpoint(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: add trainer.resume=true to continue that run, "
+            "or choose another hydra.run.dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     exp = setup(cfg)
     metric = exp.source.metric_name
     state = init_state(exp, cfg.seed)
-    meta_step = make_meta_step(exp, cfg.trainer.meta_batch_size)
+    metrics_path = run_dir / "metrics.jsonl"
+    if t.resume:
+        restored = restore_latest(run_dir, state, quarantine=True)
+        state = restored if restored is not None else state
+        if int(state.step) > t.steps:
+            raise ConfigError(
+                f"invalid trainer.steps={t.steps}: the checkpoint in {run_dir} is at step {int(state.step)}"
+            )
+        _truncate_metrics(metrics_path, int(state.step))
+        print(
+            f"metalearn: resuming {run_dir} from step {int(state.step)}"
+            if restored is not None
+            else f"metalearn: no checkpoint in {run_dir}; starting at step 0",
+            flush=True,
+        )
+    start_step = int(state.step)
+    skip = t.on_nan == "skip"
+    meta_step = make_meta_step(exp, t.meta_batch_size, skip_nonfinite=skip)
     train_data = exp.source.splits["train"]
-    logger = JsonlLogger(run_dir / "metrics.jsonl")
-    t = cfg.trainer
+    # metrics.jsonl, mirrored to TensorBoard event files in the run dir if trainer.tensorboard.
+    logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard)
+    resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run_dir}"
 
     print(
         f"metalearn: {cfg.algo.name} on {cfg.dataset.name} ({exp.source.kind}, input "
@@ -210,50 +328,76 @@ def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run_dir}",
         flush=True,
     )
-    bar = tqdm(total=t.steps, disable=not t.progress, unit="step", dynamic_ncols=True)
+    writer = CheckpointWriter(run_dir, t.keep_checkpoints)
+    bar = tqdm(total=t.steps, initial=start_step, disable=not t.progress, unit="step", dynamic_ncols=True)
     start = last_time = time.perf_counter()
-    last_step, compile_s = 0, None
-    for step in range(1, t.steps + 1):
-        state, metrics = meta_step(state, train_data)
-        if step == 1:
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - start
-            last_time, last_step = time.perf_counter(), 1
-        checkpoint_due = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-        if step % t.log_every == 0 or step == t.steps or checkpoint_due:
-            values = _floats(metrics)  # the only host sync in the loop between logs
-            _check_finite(values, step, run_dir)
-        if step % t.log_every == 0 or step == t.steps:
-            now = time.perf_counter()
-            rate = (step - last_step) / (now - last_time) if step > last_step else float("nan")
-            last_time, last_step = now, step
-            logger.log({"step": step, "split": "train", **values, "steps_per_s": rate, "time_s": now - start})
-            bar.set_postfix(
-                {"loss": f"{values['loss']:.4f}", metric: f"{values[metric]:.4f}", "steps/s": f"{rate:.1f}"},
-                refresh=False,
-            )
-        if t.val_every and step % t.val_every == 0:
-            val = evaluate_params(
-                exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test
-            )
-            logger.log(
-                {
-                    "step": step,
-                    "split": "validation",
-                    metric: val["mean"],
-                    "ci95": val["ci95"],
-                    "n_tasks": val["n_tasks"],
-                    "time_s": time.perf_counter() - start,
-                }
-            )
-            bar.write(f"step {step}: validation {format_summary(val)}")
-        if checkpoint_due:
-            save_checkpoint(run_dir, state)
-        bar.update(1)
-    bar.close()
-    jax.block_until_ready(state)
-    train_time = time.perf_counter() - start
-    save_checkpoint(run_dir, state)
+    last_step, compile_s = start_step, None
+    try:
+        with _StopSignals() as stop:
+            for step in range(start_step + 1, t.steps + 1):
+                state, metrics = meta_step(state, train_data)
+                if compile_s is None:
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - start
+                    last_time, last_step = time.perf_counter(), step
+                stopping = stop.signum is not None
+                checkpoint_due = stopping or (bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
+                log_due = step % t.log_every == 0 or step == t.steps
+                if log_due or checkpoint_due:
+                    # The only host sync between logs. Every checkpoint follows this check
+                    # of its own step, so a non-finite state never reaches disk.
+                    values = _floats(metrics)
+                    if skip:
+                        values["skipped_steps"] = int(state.skipped)
+                    else:
+                        _check_finite(values, step, run_dir)
+                if log_due:
+                    now = time.perf_counter()
+                    rate = (step - last_step) / (now - last_time) if step > last_step else float("nan")
+                    last_time, last_step = now, step
+                    logger.log(
+                        {"step": step, "split": "train", **values, "steps_per_s": rate, "time_s": now - start}
+                    )
+                    bar.set_postfix(
+                        {
+                            "loss": f"{values['loss']:.4f}",
+                            metric: f"{values[metric]:.4f}",
+                            "steps/s": f"{rate:.1f}",
+                        },
+                        refresh=False,
+                    )
+                if t.val_every and step % t.val_every == 0:
+                    val = evaluate_params(
+                        exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test
+                    )
+                    logger.log(
+                        {
+                            "step": step,
+                            "split": "validation",
+                            metric: val["mean"],
+                            "ci95": val["ci95"],
+                            "n_tasks": val["n_tasks"],
+                            "time_s": time.perf_counter() - start,
+                        }
+                    )
+                    bar.write(f"step {step}: validation {format_summary(val)}")
+                if checkpoint_due:
+                    writer.save(state)
+                if stopping:
+                    bar.close()
+                    name = signal.Signals(stop.signum).name
+                    raise Preempted(
+                        f"{name} at step {step}: checkpoint saved in {run_dir / 'checkpoints'}; "
+                        f"resume with: {resume_command}",
+                        stop.signum,
+                    )
+                bar.update(1)
+        bar.close()
+        jax.block_until_ready(state)
+        train_time = time.perf_counter() - start
+        writer.save(state)
+    finally:
+        writer.close()
 
     final = evaluate_final(
         exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
@@ -268,6 +412,8 @@ def train(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         "steps": t.steps,
         "train_time_s": train_time,
         "compile_time_s": compile_s,
+        # The preset's published number, if any (conf/experiment/), for reports.
+        "paper": dict(cfg.paper) if "paper" in cfg else None,
     }
     write_json(run_dir / "results.json", results)
     print(

@@ -61,7 +61,7 @@ def test_train_writes_run_dir(sinusoid_run):
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [10, 20, 30]
     assert [r["step"] for r in records if r["split"] == "validation"] == [15, 30]
-    assert (sinusoid_run / "checkpoint.msgpack").stat().st_size > 0
+    assert sorted(int(p.name) for p in (sinusoid_run / "checkpoints").iterdir()) == [15, 30]
     assert (sinusoid_run / ".hydra" / "config.yaml").is_file()
 
 

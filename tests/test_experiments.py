@@ -1,0 +1,107 @@
+"""Every experiment preset (conf/experiment/*.yaml) composes, records a paper number's
+fields, and trains a couple of steps. New presets are picked up by the glob, no edit needed.
+
+Runs in-process (Hydra compose + train()) with shrunken models and budgets, so each preset
+costs about a compile, not a training run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED_OMNIGLOT
+from hydra import compose, initialize_config_dir
+
+from metalearn.cli import config_dir
+from metalearn.config import register_configs, validate
+from metalearn.train import train
+
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+# Shrink everything that costs time but keep each preset's algorithm, inner loop and task
+# shape (n_way, k_shot, inner steps), which is what a broken preset would get wrong.
+TINY = [
+    "trainer.steps=2",
+    "trainer.meta_batch_size=2",
+    "trainer.log_every=1",
+    "trainer.val_every=0",
+    "trainer.checkpoint_every=0",
+    "trainer.progress=false",
+    "eval.n_tasks=2",
+    "eval.batch_size=2",
+    "model.filters=4",
+    "model.blocks=1",
+]
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def omniglot_cache(tmp_path_factory) -> Path:
+    """One TFDS cache for all Omniglot presets of this module (built once)."""
+    return tmp_path_factory.mktemp("omniglot_data")
+
+
+def test_presets_exist():
+    required = {
+        "maml_sinusoid_k5",
+        "maml_sinusoid_k10",
+        *(f"{a}_omniglot_{s}" for a in ("maml", "fomaml") for s in ("5w1s", "5w5s", "20w1s", "20w5s")),
+    }
+    assert required <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_trains(name, tmp_path, omniglot_cache):
+    cfg = _compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.paper.source, f"{name}: paper.source is empty"
+    assert cfg.paper.metric in ("accuracy", "mse")
+    # The preset's own algorithm and dataset are selected (names are <algo>_<dataset>_...).
+    algo, dataset = name.split("_")[:2]
+    assert (cfg.algo.name, cfg.dataset.name) == (algo, dataset)
+
+    overrides = [f"experiment={name}", *TINY]
+    if dataset == "omniglot":
+        if not SHARED_OMNIGLOT.is_dir():
+            pytest.skip("shared Omniglot archives not present")
+        # Only the "small" archives exist on the development machines.
+        overrides += [
+            "dataset.variant=small",
+            f"dataset.manual_dir={SHARED_OMNIGLOT}",
+            f"dataset.data_dir={omniglot_cache}",
+        ]
+    cfg = _compose(overrides)
+    results = train(cfg, tmp_path / "run")
+    assert results["test"]["metric"] == cfg.paper.metric
+    assert results["paper"]["source"] == cfg.paper.source
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["paper"]["value"] == cfg.paper.value
+
+
+def test_preset_order_dataset_then_preset_then_command_line():
+    # The omniglot dataset default is 5-way 1-shot with 2500 steps; the preset sets 20-way
+    # and 60k steps; the command line wins over both.
+    cfg = _compose(["experiment=maml_omniglot_20w1s"])
+    assert (cfg.dataset.n_way, cfg.trainer.steps, cfg.algo.inner_lr, cfg.model.name) == (
+        20,
+        60000,
+        0.1,
+        "conv4",
+    )
+    cfg = _compose(["experiment=maml_omniglot_20w1s", "trainer.steps=7", "algo.inner_lr=0.2"])
+    assert (cfg.dataset.n_way, cfg.trainer.steps, cfg.algo.inner_lr) == (20, 7, 0.2)
+    # A preset selecting algo=reptile still gets conf/algo_dataset/reptile_omniglot.yaml
+    # (the interpolated group follows the preset's override).
+    cfg = _compose(["experiment=reptile_omniglot_5w1s"])
+    assert (cfg.optim.name, cfg.algo.inner_optimizer, cfg.trainer.steps) == ("sgd", "adam", 100000)
+
+
+def test_no_preset_means_empty_paper():
+    cfg = _compose([])
+    assert cfg.paper.source == "" and cfg.paper.value is None
