@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from metalearn.algos import MetaLearner, Problem, make_algorithm
 from metalearn.attacks import Attack, attack_from_config, default_step_size
@@ -69,15 +71,50 @@ def setup(cfg: Any, source: TaskSource | None = None) -> Experiment:
     return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
 
 
-def init_state(exp: Experiment, seed: int) -> TrainState:
+# Data parallelism: the meta-batch of tasks is split over this mesh axis.
+TASK_AXIS = "tasks"
+
+
+def task_mesh(devices: Any = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all local devices) whose axis ``"tasks"``
+    carries the meta-batch. One device gives a mesh of one, so the same code path runs
+    everywhere."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.array(devices), (TASK_AXIS,))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """A copy of ``tree`` held in full by every device of ``mesh`` (parameters, optimizer
+    state, the dataset arrays the sampler gathers from)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def check_meta_batch(meta_batch_size: int, mesh: Mesh) -> None:
+    """ConfigError unless the meta-batch splits evenly over the mesh's devices."""
+    n = mesh.devices.size
+    if meta_batch_size % n:
+        raise ConfigError(
+            f"invalid trainer.meta_batch_size={meta_batch_size}: must be divisible by the "
+            f"number of devices ({n}), since each device adapts an equal share of the tasks"
+        )
+
+
+def init_state(exp: Experiment, seed: int, mesh: Mesh | None = None) -> TrainState:
+    """The state at step 0, replicated over ``mesh`` (default :func:`task_mesh`).
+
+    That is the layout the meta-step for that mesh returns, so the first call neither copies
+    nor reshards the state, and it is not traced a second time: jit caches committed and
+    uncommitted (plain ``jnp``) inputs separately, even on one device.
+    """
     params = exp.algo.init(stream_key(seed, _INIT_STREAM))
-    return TrainState(
+    state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=exp.optimizer.init(params),
         key=stream_key(seed, _TRAIN_STREAM),
         skipped=jnp.zeros((), jnp.int32),
     )
+    return replicate(state, task_mesh() if mesh is None else mesh)
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -85,21 +122,46 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def make_meta_step(exp: Experiment, meta_batch_size: int, skip_nonfinite: bool = False):
+def sample_tasks(
+    exp: Experiment, data: PyTree, task_key: jax.Array, meta_batch_size: int, mesh: Mesh
+) -> PyTree:
+    """``meta_batch_size`` tasks drawn from split(task_key), laid out along the mesh's
+    ``"tasks"`` axis: each device samples and then adapts its own 1/n of the batch.
+
+    Call inside jit. The per-task keys are constrained too, so the sampling itself is
+    split over devices rather than done everywhere and then sliced. The draws do not depend
+    on the device count (jax's threefry is partitionable), only the layout does.
+    """
+    by_task = NamedSharding(mesh, P(TASK_AXIS))
+    keys = lax.with_sharding_constraint(jax.random.split(task_key, meta_batch_size), by_task)
+    tasks = jax.vmap(exp.source.sample, in_axes=(None, 0))(data, keys)
+    return lax.with_sharding_constraint(tasks, by_task)
+
+
+def make_meta_step(
+    exp: Experiment, meta_batch_size: int, skip_nonfinite: bool = False, mesh: Mesh | None = None
+):
     """Compile ``(state, data) -> (state, metrics)``: sample a batch of tasks on device,
     take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated.
+
+    Data parallel over ``mesh`` (default :func:`task_mesh`, all local devices): the tasks
+    are sharded along its ``"tasks"`` axis, while ``state``, ``data`` and the outputs are
+    replicated (XLA inserts the all-reduce of the mean meta-gradient). Pass a state from
+    ``init_state(exp, seed, mesh)`` and ``replicate(data, mesh)`` to avoid a copy per call.
+    ConfigError if ``meta_batch_size`` is not divisible by the number of devices.
 
     With ``skip_nonfinite`` a step whose loss, gradient norm or new parameters are not all
     finite keeps the old parameters and optimizer state (the step still advances, so the
     next step draws new tasks) and adds one to ``state.skipped``.
     """
+    mesh = task_mesh() if mesh is None else mesh
+    check_meta_batch(meta_batch_size, mesh)
+    replicated = NamedSharding(mesh, P())
 
     def meta_step(state: TrainState, data: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.key, state.step)
         task_key, algo_key = jax.random.split(key)
-        tasks = jax.vmap(exp.source.sample, in_axes=(None, 0))(
-            data, jax.random.split(task_key, meta_batch_size)
-        )
+        tasks = sample_tasks(exp, data, task_key, meta_batch_size, mesh)
         grads, metrics = exp.algo.meta_grad(state.params, tasks, algo_key)
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -115,7 +177,15 @@ def make_meta_step(exp: Experiment, meta_batch_size: int, skip_nonfinite: bool =
             skipped = skipped + (~ok).astype(skipped.dtype)
         return TrainState(state.step + 1, params, opt_state, state.key, skipped), metrics
 
-    return jax.jit(meta_step, donate_argnums=0)
+    # Fixed shardings (one sharding is a prefix for a whole pytree): the output state has
+    # exactly the input's layout, so donation reuses its buffers and the next call hits the
+    # same compiled executable.
+    return jax.jit(
+        meta_step,
+        in_shardings=(replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
 def make_evaluator(
@@ -289,6 +359,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
 
     validate(cfg)
     t = cfg.trainer
+    mesh = task_mesh()
+    check_meta_batch(t.meta_batch_size, mesh)  # before anything is written
     run_dir = Path(run_dir)
     if not t.resume and has_checkpoint(run_dir):
         raise ConfigError(
@@ -298,7 +370,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     exp = setup(cfg)
     metric = exp.source.metric_name
-    state = init_state(exp, cfg.seed)
+    state = init_state(exp, cfg.seed, mesh)
     metrics_path = run_dir / "metrics.jsonl"
     if t.resume:
         restored = restore_latest(run_dir, state, quarantine=True)
@@ -314,10 +386,13 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             else f"metalearn: no checkpoint in {run_dir}; starting at step 0",
             flush=True,
         )
+    # Restored arrays follow the template's sharding; put them in place anyway, at no cost.
+    state = replicate(state, mesh)
     start_step = int(state.step)
     skip = t.on_nan == "skip"
-    meta_step = make_meta_step(exp, t.meta_batch_size, skip_nonfinite=skip)
-    train_data = exp.source.splits["train"]
+    meta_step = make_meta_step(exp, t.meta_batch_size, skip_nonfinite=skip, mesh=mesh)
+    # On every device once, instead of a host-to-device copy per step.
+    train_data = replicate(exp.source.splits["train"], mesh)
     # metrics.jsonl, mirrored to TensorBoard event files in the run dir if trainer.tensorboard.
     logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard)
     resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run_dir}"

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from metalearn.config import Config
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import init_state, make_meta_step, setup
+from metalearn.train import init_state, make_meta_step, replicate, setup, task_mesh
 
 # name -> (dataset overrides, model overrides, image shape or None, meta-batch size)
 WORKLOADS = {
@@ -94,9 +94,10 @@ def bench_one(
         }
         source = image_source(cfg.dataset, arrays)
     exp = setup(cfg, source)
-    state = init_state(exp, seed=0)
-    step = make_meta_step(exp, batch)
-    data = source.splits["train"]
+    mesh = task_mesh()  # all local devices, as in `metalearn train`
+    state = init_state(exp, seed=0, mesh=mesh)
+    step = make_meta_step(exp, batch, mesh=mesh)
+    data = replicate(source.splits["train"], mesh)
 
     start = time.perf_counter()
     state, metrics = step(state, data)
