@@ -46,7 +46,8 @@ from typing import Any
 import jax
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean
+from metalearn.algos.maml import make_maml
 from metalearn.attacks import make_attack
 from metalearn.tasks import Task
 
@@ -64,16 +65,9 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
         source.input_range,
     )
 
-    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
-        del key
-        return inner_sgd(
-            lambda p: problem.loss(p, support_x, support_y),
-            params,
-            cfg.inner_lr,
-            steps,
-            first_order=bool(cfg.first_order),
-            remat=cfg.remat,
-        )
+    # The inner loop and prediction are MAML's; ADML differs only in its outer loss.
+    maml = make_maml(cfg, problem)
+    adapt, predict = maml.adapt, maml.predict
 
     def adversarial(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
         # The examples are constants for the meta-gradient; stopping the parameters here
@@ -93,10 +87,6 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
         )
         metric = source.metric(model.apply(theta_c, task.query_x), task.query_y)
         return loss, metric
-
-    def predict(params: Any, adapted: Any, x: jax.Array) -> jax.Array:
-        del params
-        return model.apply(adapted, x)
 
     return MetaLearner(
         init=model.init,
