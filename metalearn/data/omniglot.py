@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,13 +39,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from metalearn.data.common import (
+    DATA_DIR_ENV,  # noqa: F401 (re-exported)
+    SPLITS,
+    check_class_arrays,
+    default_data_dir,
+    default_manual_dir,
+    load_npz,
+    save_npz_atomic,
+)
 from metalearn.data.omniglot_tfds import (
     DRAWINGS_PER_CHARACTER,
     IMAGE_SIDE,
     VARIANT_ARCHIVES,
     MetalearnOmniglot,
     check_variant,
-    default_manual_dir,
     locate_archives,
     omniglot_manual_instructions,
 )
@@ -66,7 +73,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VARIANTS = tuple(sorted(VARIANT_ARCHIVES))
-SPLITS = ("train", "validation", "test")
 # (train, validation, test) characters for the real archives; other counts scale.
 SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
     "standard": (1100, 100, 423),
@@ -74,12 +80,6 @@ SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 # Bump whenever the content of the cached arrays changes (preprocessing, split rule).
 CACHE_FORMAT_VERSION = 1
-DATA_DIR_ENV = "METALEARN_DATA_DIR"
-
-
-def default_data_dir() -> Path:
-    """``$METALEARN_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (TFDS's own default)."""
-    return Path(os.environ.get(DATA_DIR_ENV) or "~/tensorflow_datasets").expanduser()
 
 
 def cache_path(
@@ -181,37 +181,6 @@ def _read_tfds(
     return keys, images
 
 
-def _load_cache(path: Path, image_size: int) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None if the file is absent or unreadable/malformed."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {split: npz[split] for split in SPLITS}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        log.warning("Omniglot cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    for split, arr in arrays.items():
-        if arr.dtype != np.uint8 or arr.shape[1:] != (DRAWINGS_PER_CHARACTER, image_size, image_size, 1):
-            log.warning(
-                "Omniglot cache %s has a bad %s array %s %s; rebuilding it", path, split, arr.dtype, arr.shape
-            )
-            return None
-    return arrays
-
-
-def _save_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temp file + rename) so an interrupted run leaves no truncated cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: loading is then just a read
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_omniglot(
     variant: str,
     manual_dir: str | None,
@@ -243,8 +212,13 @@ def load_omniglot(
     manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(data_root)
 
     path = cache_path(data_root, variant, image_size, rotations, split_seed)
-    cached = _load_cache(path, image_size)
-    if cached is not None:
+    cached = load_npz(path, SPLITS, "Omniglot")
+    shape = (DRAWINGS_PER_CHARACTER, image_size, image_size, 1)
+    if (
+        cached is not None
+        and check_class_arrays(cached, shape[1:], "Omniglot", path)
+        and all(a.shape[1] == DRAWINGS_PER_CHARACTER for a in cached.values())
+    ):
         return cached
 
     keys, images = _read_tfds(variant, manual, data_root, download, checksums)
@@ -256,6 +230,6 @@ def load_omniglot(
     for split, split_keys in split_characters(keys, variant, split_seed).items():
         arr = classes[[index[k] for k in split_keys]]
         arrays[split] = _with_rotations(arr) if rotations else arr
-    _save_cache(path, arrays)
+    save_npz_atomic(path, arrays)
     log.info("Omniglot %s: %s classes; cache %s", variant, {s: len(a) for s, a in arrays.items()}, path)
     return arrays

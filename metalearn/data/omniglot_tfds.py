@@ -25,13 +25,9 @@ builder must be used with ``file_format="array_record"`` and read with ``as_data
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import re
-import socket
-import threading
-import urllib.parse
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,6 +36,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from metalearn.data.common import (
+    NETWORK_PROBE_TIMEOUT_S,  # noqa: F401 (re-exported)
+    default_manual_dir,  # noqa: F401 (re-exported)
+    network_unavailable_reason,
+    sha256_of,
+)
 from metalearn.errors import ConfigError, DataError
 
 IMAGE_SIDE = 105
@@ -98,8 +100,6 @@ VARIANT_ARCHIVES: dict[str, tuple[str, ...]] = {
 # `images_xxx/<alphabet>/characterNN/NNNN_DD.png`; anything else in a zip is ignored.
 _MEMBER_RE = re.compile(r"^[^/]+/(?P<alphabet>[^/]+)/(?P<character>[^/]+)/\d+_(?P<drawer>\d+)\.png$")
 
-NETWORK_PROBE_TIMEOUT_S = 3.0
-
 
 def check_variant(variant: str) -> tuple[str, ...]:
     """Archive names of ``variant``; ConfigError naming ``dataset.variant`` if unknown."""
@@ -119,15 +119,6 @@ def omniglot_manual_instructions(variant: str, manual_dir: str | os.PathLike | N
     )
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_archive(path: str | os.PathLike, expected_sha256: str) -> None:
     """Raise DataError (one line: file, expected and actual sha256) if ``path`` does not match."""
     actual = sha256_of(path)
@@ -136,46 +127,6 @@ def verify_archive(path: str | os.PathLike, expected_sha256: str) -> None:
             f"Omniglot archive {path} is corrupt or not the original file: "
             f"expected sha256 {expected_sha256}, got {actual}; delete it and download it again"
         )
-
-
-def _probe_target() -> tuple[str, int]:
-    """Host and port that a download would connect to first (the proxy, if one is set)."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy:
-        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
-        if parsed.hostname:
-            return parsed.hostname, parsed.port or 8080
-    return "github.com", 443
-
-
-def network_unavailable_reason(timeout: float = NETWORK_PROBE_TIMEOUT_S) -> str | None:
-    """``None`` if a TCP connection to GitHub (or the HTTPS proxy) opens within ``timeout``.
-
-    Otherwise a short reason. TFDS retries failing downloads with back-off for minutes, so
-    this probe is what lets an offline run fail in seconds. Name resolution is not covered
-    by the socket timeout, hence the thread with its own deadline.
-    """
-    host, port = _probe_target()
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(None)
-        except OSError as err:
-            result.append(f"{host}:{port} unreachable ({type(err).__name__}: {err})")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    if not result:
-        return f"{host}:{port} unreachable (no answer within {timeout:.0f} s)"
-    return result[0]
-
-
-def default_manual_dir(data_dir: str | os.PathLike) -> Path:
-    """TFDS's default manual directory under ``data_dir``: ``<data_dir>/downloads/manual``."""
-    return Path(data_dir).expanduser() / "downloads" / "manual"
 
 
 def locate_archives(

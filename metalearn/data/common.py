@@ -1,0 +1,158 @@
+"""Helpers shared by the dataset builders: data directories, checksums, the network probe,
+atomic npz caches, and the array forms that :mod:`metalearn.tasks` samples episodes from.
+
+Every image dataset is handed to the episode sampler as ``{"train", "validation", "test"}``,
+each either
+
+* a class-indexed uint8 array ``(num_classes, per_class, H, W, C)`` when every class has the
+  same number of images (Omniglot, mini-ImageNet, CIFAR-FS, FC100), or
+* :class:`ClassImages` (images grouped by class plus per-class counts) when they differ
+  (users' image folders).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import urllib.parse
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+DATA_DIR_ENV = "METALEARN_DATA_DIR"
+NETWORK_PROBE_TIMEOUT_S = 3.0
+
+
+class ClassImages(NamedTuple):
+    """One split whose classes hold different numbers of images.
+
+    images: (N, H, W, C) uint8, grouped by class (class 0's images first, then class 1's...);
+    counts: (num_classes,) int64, images per class, each >= 1, summing to N.
+    """
+
+    images: np.ndarray
+    counts: np.ndarray
+
+
+def default_data_dir() -> Path:
+    """``$METALEARN_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (TFDS's own default)."""
+    return Path(os.environ.get(DATA_DIR_ENV) or "~/tensorflow_datasets").expanduser()
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` expanded, or :func:`default_data_dir` when it is None or empty."""
+    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+
+
+def default_manual_dir(data_dir: str | os.PathLike) -> Path:
+    """TFDS's default manual directory under ``data_dir``: ``<data_dir>/downloads/manual``."""
+    return Path(data_dir).expanduser() / "downloads" / "manual"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _probe_target(default_host: str) -> tuple[str, int]:
+    """Host and port that a download would connect to first (the proxy, if one is set)."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if parsed.hostname:
+            return parsed.hostname, parsed.port or 8080
+    return default_host, 443
+
+
+def network_unavailable_reason(
+    timeout: float = NETWORK_PROBE_TIMEOUT_S, host: str = "github.com"
+) -> str | None:
+    """``None`` if a TCP connection to ``host``:443 (or the HTTPS proxy) opens within ``timeout``.
+
+    Otherwise a short reason. TFDS retries failing downloads with back-off for minutes, so
+    this probe is what lets an offline run fail in seconds. Name resolution is not covered
+    by the socket timeout, hence the thread with its own deadline.
+    """
+    host, port = _probe_target(host)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(None)
+        except OSError as err:
+            result.append(f"{host}:{port} unreachable ({type(err).__name__}: {err})")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if not result:
+        return f"{host}:{port} unreachable (no answer within {timeout:.0f} s)"
+    return result[0]
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` uncompressed (loading is then just a read) via temp file + rename, so
+    an interrupted run never leaves a truncated cache behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_npz(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarray] | None:
+    """The arrays ``keys`` of the npz at ``path``; None (with a warning) if it is absent,
+    unreadable or lacks a key, so that the caller rebuilds it."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in keys}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, err)
+        return None
+
+
+def check_class_arrays(
+    arrays: dict[str, np.ndarray], image_shape: tuple[int, ...], what: str, path: Path
+) -> bool:
+    """True if every split is a uint8 ``(C, per_class, *image_shape)`` array; else warn, False."""
+    for split, arr in arrays.items():
+        if arr.dtype != np.uint8 or arr.ndim != 5 or arr.shape[2:] != tuple(image_shape):
+            log.warning(
+                "%s cache %s has a bad %s array %s %s; rebuilding it", what, path, split, arr.dtype, arr.shape
+            )
+            return False
+    return True
+
+
+def cached_arrays(
+    path: Path,
+    build: Callable[[], dict[str, np.ndarray]],
+    check: Callable[[dict[str, np.ndarray]], bool],
+    what: str,
+) -> dict[str, np.ndarray]:
+    """Load ``path`` if it exists and passes ``check``; otherwise ``build()``, save, return."""
+    cached = load_npz(path, SPLITS, what)
+    if cached is not None and check(cached):
+        return cached
+    arrays = build()
+    save_npz_atomic(path, arrays)
+    return arrays
