@@ -71,6 +71,18 @@ class DatasetConfig:
     rotations: bool = True
     split_seed: int = 0
     download: bool = True
+    # image_folder: the root folder (one subfolder per class, or train/val/test subfolders
+    # each holding class subfolders), channels (1 grey, 3 RGB), and the fractions of classes
+    # for train/validation/test when the folder is not split already.
+    path: str | None = None
+    channels: int = 3
+    split_ratios: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
+    # Where episodes are sampled: "device" (the whole split in accelerator memory, sampled
+    # inside the jitted step), "host" (a background thread gathers each batch of tasks from
+    # host memory and prefetches it), or "auto" (device when the data fits, else host).
+    placement: str = "auto"
+    # host placement: meta-batches prepared ahead of the accelerator.
+    prefetch: int = 2
 
 
 @dataclass
@@ -83,6 +95,11 @@ class ModelConfig:
     downsample: str = "stride"
     # "im2col": patches + batched matmul (fast under vmap on CPU); "xla": lax.conv.
     conv_impl: str = "im2col"
+    # resnet12: channels of its four residual stages (each halves the resolution).
+    channels: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    # Mixed precision: "bfloat16" computes activations and matmuls in bf16 while the
+    # parameters, their gradients and the optimizer state stay float32.
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -117,6 +134,10 @@ class TrainerConfig:
     # Also write TensorBoard event files (run dir /tensorboard/); needs the `tensorboard`
     # extra (tensorboardX): pip install "metalearn[tensorboard]".
     tensorboard: bool = False
+    # Multi-host: "auto" calls jax.distributed.initialize() when the environment describes
+    # a multi-process job (SLURM with more than one task, or JAX_COORDINATOR_ADDRESS);
+    # "on" always calls it, "off" never.
+    distributed: str = "auto"
 
 
 @dataclass
