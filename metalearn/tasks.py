@@ -45,6 +45,14 @@ class TaskSource:
     sample: Callable[[Any, jax.Array], Task]
     # Valid input range of x, for attacks that clip to it (None: unbounded).
     input_range: tuple[float, float] | None = None
+    # Set when episodes are gathered on the host (dataset.placement); ``splits`` is then empty.
+    host: HostSampler | None = None
+    # Where episodes are sampled and why, for the start-of-run report.
+    placement_note: str = ""
+
+    @property
+    def placement(self) -> str:
+        return "host" if self.host is not None else "device"
 
     @property
     def metric_name(self) -> str:
@@ -80,6 +88,62 @@ def sample_sinusoid(
     return Task(x[:k_shot], y[:k_shot], x[k_shot:], y[k_shot:])
 
 
+def uniform_indices(
+    key: jax.Array, n_classes: int, per_class: int, n_way: int, n_per_class: int
+) -> tuple[jax.Array, jax.Array]:
+    """Indices of one episode into a class-indexed array (n_classes, per_class, ...).
+
+    ``n_way`` distinct classes in random order (so the class -> label map is a fresh
+    permutation per task) and, per class, ``n_per_class`` distinct images.
+    Returns classes (n_way, 1) and picks (n_way, n_per_class): ``images[classes, picks]``.
+    """
+    kc, ki = jax.random.split(key)
+    classes = jax.random.choice(kc, n_classes, (n_way,), replace=False)
+    picks = jax.vmap(lambda k: jax.random.permutation(k, per_class)[:n_per_class])(
+        jax.random.split(ki, n_way)
+    )
+    return classes[:, None], picks
+
+
+def ragged_indices(
+    key: jax.Array, offsets: jax.Array, counts: jax.Array, max_count: int, n_way: int, n_per_class: int
+) -> jax.Array:
+    """Indices of one episode into images grouped by class, (N, ...) with class c at
+    ``offsets[c] : offsets[c] + counts[c]``: (n_way, n_per_class) flat indices.
+
+    Like :func:`uniform_indices` for classes of different sizes (every count must be >=
+    ``n_per_class``): each class's images are ranked by uniform scores, the slots past its
+    count scored +inf, and the ``n_per_class`` lowest taken, i.e. a uniform draw without
+    replacement from that class. ``max_count`` (static) is the largest count.
+    """
+    offsets, counts = jnp.asarray(offsets), jnp.asarray(counts)
+    kc, ki = jax.random.split(key)
+    classes = jax.random.choice(kc, counts.shape[0], (n_way,), replace=False)
+    scores = jax.random.uniform(ki, (n_way, max_count))
+    slots = jnp.arange(max_count)
+    scores = jnp.where(slots[None, :] < counts[classes][:, None], scores, jnp.inf)
+    picks = jnp.argsort(scores, axis=-1)[:, :n_per_class]
+    return offsets[classes][:, None] + picks
+
+
+def episode_from_images(x: jax.Array, k_shot: int) -> Task:
+    """A task from gathered images x: (n_way, k_shot + k_query, H, W, C) uint8 (class-major).
+
+    Support = the first ``k_shot`` images per class. x becomes float32 in [0, 1]; labels are
+    the class positions 0..n_way-1. Shapes as in :func:`sample_episode`.
+    """
+    n_way = x.shape[0]
+    x = x.astype(jnp.float32) / 255.0
+    y = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32)[:, None], x.shape[:2])
+    shape = x.shape[2:]
+    return Task(
+        x[:, :k_shot].reshape((-1, *shape)),
+        y[:, :k_shot].reshape(-1),
+        x[:, k_shot:].reshape((-1, *shape)),
+        y[:, k_shot:].reshape(-1),
+    )
+
+
 def sample_episode(images: jax.Array, key: jax.Array, n_way: int, k_shot: int, k_query: int) -> Task:
     """An N-way K-shot Q-query episode from a class-indexed image array.
 
@@ -89,21 +153,8 @@ def sample_episode(images: jax.Array, key: jax.Array, n_way: int, k_shot: int, k
     Returns support x: (n_way * k_shot, H, W, C) float32 in [0, 1], y: (n_way * k_shot,) int32;
     query likewise with ``k_query``. Examples are ordered class-major.
     """
-    n_classes, per_class = images.shape[0], images.shape[1]
-    kc, ki = jax.random.split(key)
-    classes = jax.random.choice(kc, n_classes, (n_way,), replace=False)
-    picks = jax.vmap(lambda k: jax.random.permutation(k, per_class)[: k_shot + k_query])(
-        jax.random.split(ki, n_way)
-    )  # (n_way, k_shot + k_query)
-    x = images[classes[:, None], picks].astype(jnp.float32) / 255.0
-    y = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32)[:, None], picks.shape)
-    shape = x.shape[2:]
-    return Task(
-        x[:, :k_shot].reshape((-1, *shape)),
-        y[:, :k_shot].reshape(-1),
-        x[:, k_shot:].reshape((-1, *shape)),
-        y[:, k_shot:].reshape(-1),
-    )
+    classes, picks = uniform_indices(key, images.shape[0], images.shape[1], n_way, k_shot + k_query)
+    return episode_from_images(images[classes, picks], k_shot)
 
 
 def sinusoid_source(cfg: Any) -> TaskSource:
@@ -121,30 +172,159 @@ def sinusoid_source(cfg: Any) -> TaskSource:
     )
 
 
-def image_source(cfg: Any, arrays: dict[str, np.ndarray]) -> TaskSource:
-    """Classification episodes from class-indexed uint8 arrays (one per split).
+# Share of the smallest device's memory the dataset may take with placement=auto; the rest
+# is left to parameters, activations and XLA's workspace.
+DEVICE_DATA_FRACTION = 0.4
 
-    Checks that every split can hold the requested episode shape and moves the arrays to
-    device memory once.
+
+def device_memory_limit() -> int | None:
+    """Bytes of memory of the smallest local accelerator, or None when the devices report
+    none (CPU, where device memory is host memory)."""
+    limits = []
+    for device in jax.local_devices():
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            return None
+        limits.append(int(stats["bytes_limit"]))
+    return min(limits) if limits else None
+
+
+def choose_placement(requested: str, nbytes: int, limit: int | None) -> tuple[str, str]:
+    """("device" or "host", a one-line reason) for ``dataset.placement=requested``."""
+    size = f"{nbytes / 2**30:.2f} GiB of images"
+    if requested == "device":
+        return "device", f"sampled on device ({size} in device memory; dataset.placement=device)"
+    if requested == "host":
+        return "host", f"sampled on the host and prefetched ({size} in host memory; dataset.placement=host)"
+    if limit is None:
+        return "device", f"sampled on device ({size}; device memory is host memory)"
+    budget = DEVICE_DATA_FRACTION * limit
+    if nbytes <= budget:
+        return "device", f"sampled on device ({size} fit in {budget / 2**30:.1f} GiB, 40% of device memory)"
+    return "host", (
+        f"sampled on the host and prefetched ({size} exceed {budget / 2**30:.1f} GiB, 40% of device memory)"
+    )
+
+
+@dataclass(frozen=True)
+class HostSampler:
+    """Episodes gathered from host memory, for datasets kept off the accelerator.
+
+    ``indices(split, keys)``: keys (B, 2) -> numpy indices of B episodes, computed by the same
+    jax functions as the on-device sampler (run on the CPU), so a key gives the same episode
+    either way. ``gather(split, idx)`` -> uint8 (B, n_way, k_shot + k_query, H, W, C).
+    ``to_tasks`` (jittable) turns such a batch into float Tasks on the accelerator.
+    """
+
+    arrays: dict[str, dict[str, np.ndarray]]
+    index_fns: dict[str, Callable[[jax.Array], Any]]
+    to_tasks: Callable[[jax.Array], Task]
+
+    def indices(self, split: str, keys: jax.Array) -> Any:
+        cpu = jax.devices("cpu")[0]
+        return jax.device_get(self.index_fns[split](jax.device_put(keys, cpu)))
+
+    def gather(self, split: str, idx: Any) -> np.ndarray:
+        images = self.arrays[split]["images"]
+        return images[idx[0], idx[1]] if isinstance(idx, tuple) else images[idx]
+
+
+def _split_layout(split: str, arr: Any, n_way: int, n_per_class: int) -> tuple[dict[str, np.ndarray], int]:
+    """The sampler's data for one split, and how many classes were dropped as too small.
+
+    A class-indexed array (C, per_class, H, W, C) stays as it is ({"images"}); a
+    :class:`ClassImages` becomes {"images" (N, ...), "offsets", "counts", "slots"} where
+    ``slots`` = arange(largest count) carries that count as a static shape. Classes of a
+    ClassImages with fewer than ``n_per_class`` images cannot be sampled and are dropped.
+    """
+    from metalearn.data.common import ClassImages
+
+    k_msg = f"dataset.k_shot + dataset.k_query = {n_per_class}"
+    if isinstance(arr, ClassImages):
+        counts = np.asarray(arr.counts, np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        keep = np.flatnonzero(counts >= n_per_class)
+        if len(keep) < n_way:
+            raise ConfigError(
+                f"invalid dataset.n_way={n_way} with {k_msg}: the {split} split has only {len(keep)} "
+                f"classes with at least {n_per_class} images (of {len(counts)} classes)"
+            )
+        images = np.concatenate([arr.images[starts[c] : starts[c] + counts[c]] for c in keep])
+        kept = counts[keep]
+        offsets = np.concatenate([[0], np.cumsum(kept)[:-1]])
+        layout = {
+            "images": images,
+            "offsets": offsets.astype(np.int32),
+            "counts": kept.astype(np.int32),
+            "slots": np.arange(int(kept.max()), dtype=np.int32),
+        }
+        return layout, len(counts) - len(keep)
+    if arr.shape[0] < n_way:
+        raise ConfigError(f"invalid dataset.n_way={n_way}: the {split} split has only {arr.shape[0]} classes")
+    if arr.shape[1] < n_per_class:
+        raise ConfigError(f"invalid {k_msg}: the {split} split has only {arr.shape[1]} images per class")
+    return {"images": arr}, 0
+
+
+def _episode_indices(data: dict[str, Any], key: jax.Array, n_way: int, n_per_class: int) -> Any:
+    """Indices of one episode for a split's sampler data (see :func:`_split_layout`)."""
+    if "counts" in data:
+        max_count = data["slots"].shape[0]
+        return ragged_indices(key, data["offsets"], data["counts"], max_count, n_way, n_per_class)
+    n_classes, per_class = data["images"].shape[:2]
+    return uniform_indices(key, n_classes, per_class, n_way, n_per_class)
+
+
+def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None) -> TaskSource:
+    """Classification episodes from per-split images: class-indexed uint8 arrays
+    (classes, per_class, H, W, C), or :class:`~metalearn.data.common.ClassImages` when
+    classes differ in size (classes too small for the episode shape are dropped).
+
+    Checks that every split can hold the requested episode shape. ``placement`` ("device",
+    "host" or "auto"; default ``cfg.placement``) decides where episodes are sampled: on
+    device, the arrays are moved to accelerator memory once and ``sample`` gathers from
+    them inside jit; on the host, ``splits`` is empty and ``host`` gathers each batch.
     """
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
+    n_per_class = k_shot + k_query
+    layouts, dropped = {}, {}
     for split, arr in arrays.items():
-        if arr.shape[0] < n_way:
-            raise ConfigError(
-                f"invalid dataset.n_way={n_way}: the {split} split has only {arr.shape[0]} classes"
-            )
-        if arr.shape[1] < k_shot + k_query:
-            raise ConfigError(
-                f"invalid dataset.k_shot + dataset.k_query = {k_shot} + {k_query}: the {split} "
-                f"split has only {arr.shape[1]} images per class"
-            )
+        layouts[split], dropped[split] = _split_layout(split, arr, n_way, n_per_class)
+    first = next(iter(layouts.values()))["images"]
+    input_shape = tuple(first.shape[-3:])
+    nbytes = sum(v.nbytes for layout in layouts.values() for v in layout.values())
+    requested = placement or getattr(cfg, "placement", "device")
+    where, note = choose_placement(requested, nbytes, device_memory_limit())
+    if any(dropped.values()):
+        note += "; classes with fewer than k_shot + k_query images dropped: " + ", ".join(
+            f"{s} {n}" for s, n in dropped.items() if n
+        )
 
     def sample(data: Any, key: jax.Array) -> Task:
-        return sample_episode(data["images"], key, n_way, k_shot, k_query)
+        idx = _episode_indices(data, key, n_way, n_per_class)
+        x = data["images"][idx] if not isinstance(idx, tuple) else data["images"][idx[0], idx[1]]
+        return episode_from_images(x, k_shot)
 
-    splits = {name: {"images": jnp.asarray(arr)} for name, arr in arrays.items()}
-    input_shape = tuple(next(iter(arrays.values())).shape[2:])
-    return TaskSource("classification", input_shape, n_way, splits, sample, (0.0, 1.0))
+    if where == "device":
+        splits = {name: jax.tree.map(jnp.asarray, layout) for name, layout in layouts.items()}
+        host = None
+    else:
+        splits = {}
+        index_fns = {}
+        for name, layout in layouts.items():
+            meta = {k: v for k, v in layout.items() if k != "images"}
+            shape = layout["images"].shape
+
+            def index_batch(keys, meta=meta, shape=shape):
+                data = dict(jax.tree.map(jnp.asarray, meta), images=jax.ShapeDtypeStruct(shape, jnp.uint8))
+                return jax.vmap(lambda key: _episode_indices(data, key, n_way, n_per_class))(keys)
+
+            index_fns[name] = jax.jit(index_batch)
+        to_tasks = jax.vmap(lambda x: episode_from_images(x, k_shot))
+        host = HostSampler(layouts, index_fns, to_tasks)
+    return TaskSource(
+        "classification", input_shape, n_way, splits, sample, (0.0, 1.0), host=host, placement_note=note
+    )
 
 
 def build_task_source(cfg: Any) -> TaskSource:

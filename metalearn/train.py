@@ -144,6 +144,11 @@ def make_meta_step(
     """Compile ``(state, data) -> (state, metrics)``: sample a batch of tasks on device,
     take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated.
 
+    When the source samples on the host (``exp.source.host``), the second argument is
+    instead the step's batch of gathered episodes from :class:`HostPrefetcher` (uint8
+    (meta_batch_size, n_way, k_shot + k_query, H, W, C), sharded over ``"tasks"``); the
+    tasks, keys and so results are the same as with on-device sampling.
+
     Data parallel over ``mesh`` (default :func:`task_mesh`, all local devices): the tasks
     are sharded along its ``"tasks"`` axis, while ``state``, ``data`` and the outputs are
     replicated (XLA inserts the all-reduce of the mean meta-gradient). Pass a state from
@@ -157,11 +162,16 @@ def make_meta_step(
     mesh = task_mesh() if mesh is None else mesh
     check_meta_batch(meta_batch_size, mesh)
     replicated = NamedSharding(mesh, P())
+    host = exp.source.host
+    data_sharding = replicated if host is None else NamedSharding(mesh, P(TASK_AXIS))
 
     def meta_step(state: TrainState, data: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.key, state.step)
         task_key, algo_key = jax.random.split(key)
-        tasks = sample_tasks(exp, data, task_key, meta_batch_size, mesh)
+        if host is None:
+            tasks = sample_tasks(exp, data, task_key, meta_batch_size, mesh)
+        else:
+            tasks = lax.with_sharding_constraint(host.to_tasks(data), NamedSharding(mesh, P(TASK_AXIS)))
         grads, metrics = exp.algo.meta_grad(state.params, tasks, algo_key)
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -182,14 +192,97 @@ def make_meta_step(
     # same compiled executable.
     return jax.jit(
         meta_step,
-        in_shardings=(replicated, replicated),
+        in_shardings=(replicated, data_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
 
 
+def step_task_keys(base_key: jax.Array, step: int, meta_batch_size: int) -> jax.Array:
+    """The per-task keys (meta_batch_size, 2) that the meta-step from state step ``step``
+    (steps completed so far) draws its tasks from, computed outside it."""
+    task_key, _ = jax.random.split(jax.random.fold_in(base_key, step))
+    return jax.random.split(task_key, meta_batch_size)
+
+
+class HostPrefetcher:
+    """Gathers the episodes of upcoming meta-steps on the host while the accelerator runs.
+
+    A background thread computes, for each state step ``s`` in ``[start, stop)``, the same
+    task keys as the on-device sampler (:func:`step_task_keys`), gathers the episodes from
+    host memory and transfers them with the meta-step's task sharding; up to ``depth``
+    batches wait in a queue. Iterate to get them in order. Each process gathers only the
+    tasks of its own devices (``jax.make_array_from_callback``).
+    """
+
+    def __init__(
+        self,
+        source: TaskSource,
+        base_key: jax.Array,
+        meta_batch_size: int,
+        mesh: Mesh,
+        start: int,
+        stop: int,
+        depth: int = 2,
+    ):
+        import queue
+
+        self._source, self._host = source, source.host
+        self._base_key = jax.device_get(base_key)
+        self._batch, self._start, self._stop = meta_batch_size, start, stop
+        self._sharding = NamedSharding(mesh, P(TASK_AXIS))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metalearn-prefetch", daemon=True)
+        self._thread.start()
+
+    def _batch_for(self, step: int) -> jax.Array:
+        with jax.default_device(jax.devices("cpu")[0]):
+            keys = step_task_keys(self._base_key, step, self._batch)
+        idx = self._host.indices("train", keys)
+        first = jax.tree.map(lambda a: a[:1], idx)
+        shape = (self._batch,) + self._host.gather("train", first).shape[1:]
+
+        def shard(index: tuple[slice, ...]) -> np.ndarray:
+            return self._host.gather("train", jax.tree.map(lambda a: a[index[0]], idx))
+
+        return jax.make_array_from_callback(shape, self._sharding, shard)
+
+    def _run(self) -> None:
+        try:
+            for step in range(self._start, self._stop):
+                if self._done.is_set():
+                    return
+                item = self._batch_for(step)
+                while not self._done.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except Exception:  # queue.Full
+                        continue
+        except BaseException as err:  # surfaced to the training loop by __next__
+            self._queue.put(err)
+
+    def __iter__(self) -> HostPrefetcher:
+        return self
+
+    def __next__(self) -> jax.Array:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._done.set()
+
+
 def make_evaluator(
-    exp: Experiment, n_tasks: int, batch_size: int, inner_steps: int, attack: Attack | None = None
+    exp: Experiment,
+    n_tasks: int,
+    batch_size: int,
+    inner_steps: int,
+    attack: Attack | None = None,
+    split: str = "test",
 ):
     """Compile ``(params, data, key) -> per-task metric (n_tasks,)``.
 
@@ -199,14 +292,16 @@ def make_evaluator(
     With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
     same clean adaptation to the same tasks, the query inputs are attacked against the
     adapted model (loss ``source.loss(predict(params, adapted, x), y)``) and scored again.
+
+    When the source samples on the host, the returned function gathers the tasks of
+    ``split`` on the host chunk by chunk (same tasks, same results) and ignores ``data``.
     """
     batch_size = min(batch_size, n_tasks)
     n_chunks = math.ceil(n_tasks / batch_size)
     algo, source = exp.algo, exp.source
 
-    def task_metric(params: PyTree, data: PyTree, key: jax.Array) -> jax.Array:
-        task_key, adapt_key = jax.random.split(key)
-        task = source.sample(data, task_key)
+    def score(params: PyTree, task: Any, key: jax.Array) -> PyTree:
+        _, adapt_key = jax.random.split(key)
         adapted = algo.adapt(params, task.support_x, task.support_y, adapt_key, inner_steps)
         clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
         if attack is None:
@@ -216,8 +311,36 @@ def make_evaluator(
         query_adv = attack(query_loss, task.query_x, jax.random.fold_in(key, 1))
         return clean, source.metric(algo.predict(params, adapted, query_adv), task.query_y)
 
+    def task_keys(key: jax.Array) -> jax.Array:
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_chunks * batch_size))
+
+    if source.host is not None:
+        host = source.host
+        score_chunk = jax.jit(
+            lambda params, x, keys: jax.vmap(score, (None, 0, 0))(params, host.to_tasks(x), keys)
+        )
+
+        def evaluate_on_host(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+            del data
+            with jax.default_device(jax.devices("cpu")[0]):
+                keys = task_keys(key)
+                sample_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
+            chunks = []
+            for c in range(n_chunks):
+                part = slice(c * batch_size, (c + 1) * batch_size)
+                x = host.gather(split, host.indices(split, sample_keys[part]))
+                chunks.append(score_chunk(params, x, keys[part]))
+            values = jax.tree.map(lambda *v: jnp.concatenate(v), *chunks)
+            return jax.tree.map(lambda v: v[:n_tasks], values)
+
+        return evaluate_on_host
+
+    def task_metric(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+        task_key, _ = jax.random.split(key)
+        return score(params, source.sample(data, task_key), key)
+
     def evaluate(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_chunks * batch_size))
+        keys = task_keys(key)
         keys = keys.reshape(n_chunks, batch_size, *keys.shape[1:])
         values = lax.map(lambda ks: jax.vmap(task_metric, (None, None, 0))(params, data, ks), keys)
         return jax.tree.map(lambda v: v.reshape(-1)[:n_tasks], values)
@@ -225,13 +348,18 @@ def make_evaluator(
     return jax.jit(evaluate)
 
 
+def _split_data(exp: Experiment, split: str) -> PyTree:
+    """The sampler's data for ``split`` (None when episodes are gathered on the host)."""
+    return exp.source.splits[split] if exp.source.host is None else None
+
+
 def evaluate_params(
     exp: Experiment, params: PyTree, cfg: Any, split: str, n_tasks: int, inner_steps: int
 ) -> dict[str, Any]:
     """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict."""
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
-    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps)
-    values = np.asarray(fn(params, exp.source.splits[split], stream_key(cfg.seed, stream)))
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split)
+    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream)))
     return summarize(values, exp.source.metric_name)
 
 
@@ -246,8 +374,8 @@ def evaluate_final(
     if attack is None:
         return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps)}
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
-    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack)
-    clean, robust = fn(params, exp.source.splits[split], stream_key(cfg.seed, stream))
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack, split=split)
+    clean, robust = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream))
     settings = {"name": attack_cfg.name, "eps": attack_cfg.eps}
     if attack_cfg.name == "pgd":
         step_size = attack_cfg.step_size
@@ -391,8 +519,14 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     start_step = int(state.step)
     skip = t.on_nan == "skip"
     meta_step = make_meta_step(exp, t.meta_batch_size, skip_nonfinite=skip, mesh=mesh)
-    # On every device once, instead of a host-to-device copy per step.
-    train_data = replicate(exp.source.splits["train"], mesh)
+    if exp.source.host is None:
+        # On every device once, instead of a host-to-device copy per step.
+        train_data = replicate(exp.source.splits["train"], mesh)
+        batches = None
+    else:
+        batches = HostPrefetcher(
+            exp.source, state.key, t.meta_batch_size, mesh, start_step, t.steps, cfg.dataset.prefetch
+        )
     # metrics.jsonl, mirrored to TensorBoard event files in the run dir if trainer.tensorboard.
     logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard)
     resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run_dir}"
@@ -403,6 +537,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run_dir}",
         flush=True,
     )
+    if exp.source.placement_note:
+        print(f"metalearn: episodes {exp.source.placement_note}", flush=True)
     writer = CheckpointWriter(run_dir, t.keep_checkpoints)
     bar = tqdm(total=t.steps, initial=start_step, disable=not t.progress, unit="step", dynamic_ncols=True)
     start = last_time = time.perf_counter()
@@ -410,7 +546,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     try:
         with _StopSignals() as stop:
             for step in range(start_step + 1, t.steps + 1):
-                state, metrics = meta_step(state, train_data)
+                state, metrics = meta_step(state, train_data if batches is None else next(batches))
                 if compile_s is None:
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - start
@@ -473,6 +609,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         writer.save(state)
     finally:
         writer.close()
+        if batches is not None:
+            batches.close()
 
     final = evaluate_final(
         exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
