@@ -197,13 +197,16 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
-_DATASETS = ("sinusoid", "omniglot")
-_MODELS = ("mlp", "conv4")
+_DATASETS = ("sinusoid", "omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder")
+_MODELS = ("mlp", "conv4", "resnet12")
 _OPTIMS = ("adam", "sgd")
 # Omniglot facts (metalearn/data/omniglot.py), repeated here so validation needs no data
 # imports: drawings per character and the characters of the smallest (validation) split.
 _OMNIGLOT_DRAWINGS = 20
 _OMNIGLOT_CLASSES = {"standard": 100, "small": 20}
+# Images per class and classes of the smallest split of the fixed benchmarks (validation
+# for all three); the loaders check the files again.
+_FIXED_DATASETS = {"mini_imagenet": (600, 16), "cifar_fs": (600, 16), "fc100": (600, 20)}
 
 
 def validate(cfg: Any) -> None:
@@ -245,33 +248,60 @@ def validate(cfg: Any) -> None:
         need(d.n_way >= 2, "dataset.n_way", d.n_way, ">= 2 for classification")
         need(d.image_size >= 4, "dataset.image_size", d.image_size, ">= 4")
         need(
-            d.variant in _OMNIGLOT_CLASSES,
-            "dataset.variant",
-            d.variant,
-            f"one of {sorted(_OMNIGLOT_CLASSES)}",
+            d.placement in ("auto", "device", "host"),
+            "dataset.placement",
+            d.placement,
+            "auto, device or host",
         )
-        # Episode shapes the real archives cannot hold fail here, before any data is read
-        # (tasks.image_source checks the loaded arrays again, e.g. for custom archives).
-        per_class = _OMNIGLOT_DRAWINGS
-        need(
-            d.k_shot + d.k_query <= per_class,
-            "dataset.k_shot + dataset.k_query",
-            d.k_shot + d.k_query,
-            f"<= {per_class} (images per Omniglot class)",
-        )
-        classes = _OMNIGLOT_CLASSES[d.variant] * (4 if d.rotations else 1)
-        need(
-            d.n_way <= classes,
-            "dataset.n_way",
-            d.n_way,
-            f"<= {classes} (classes of the smallest split of Omniglot {d.variant}, rotations={d.rotations})",
-        )
+        need(d.prefetch >= 1, "dataset.prefetch", d.prefetch, ">= 1")
+        if d.name == "omniglot":
+            need(
+                d.variant in _OMNIGLOT_CLASSES,
+                "dataset.variant",
+                d.variant,
+                f"one of {sorted(_OMNIGLOT_CLASSES)}",
+            )
+            # Episode shapes the real archives cannot hold fail here, before any data is read
+            # (tasks.image_source checks the loaded arrays again, e.g. for custom archives).
+            per_class = _OMNIGLOT_DRAWINGS
+            classes = _OMNIGLOT_CLASSES[d.variant] * (4 if d.rotations else 1)
+            where = f"Omniglot {d.variant}, rotations={d.rotations}"
+        elif d.name in _FIXED_DATASETS:
+            per_class, classes = _FIXED_DATASETS[d.name]
+            where = d.name
+        else:  # image_folder: known only once the folder is read
+            per_class = classes = None
+            need(d.channels in (1, 3), "dataset.channels", d.channels, "1 (grey) or 3 (RGB)")
+            need(d.path is not None, "dataset.path", d.path, "the image folder (one subfolder per class)")
+            need(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory")
+            ratios = list(d.split_ratios)
+            need(
+                len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+                "dataset.split_ratios",
+                ratios,
+                "three fractions >= 0 (train, validation, test) summing to 1",
+            )
+        if d.name == "cifar_fs" or d.name == "fc100":
+            need(d.image_size == 32, "dataset.image_size", d.image_size, f"32 for {d.name} (CIFAR images)")
+        if per_class is not None:
+            need(
+                d.k_shot + d.k_query <= per_class,
+                "dataset.k_shot + dataset.k_query",
+                d.k_shot + d.k_query,
+                f"<= {per_class} (images per class of {where})",
+            )
+            need(
+                d.n_way <= classes,
+                "dataset.n_way",
+                d.n_way,
+                f"<= {classes} (classes of the smallest split of {where})",
+            )
         if d.manual_dir is not None:
             need(
                 Path(d.manual_dir).expanduser().is_dir(),
                 "dataset.manual_dir",
                 d.manual_dir,
-                "an existing directory holding the dataset archives",
+                "an existing directory holding the dataset files",
             )
 
     need(m.name in _MODELS, "model.name", m.name, f"one of {list(_MODELS)}")
@@ -280,8 +310,22 @@ def validate(cfg: Any) -> None:
     need(m.filters >= 1, "model.filters", m.filters, ">= 1")
     need(m.blocks >= 1, "model.blocks", m.blocks, ">= 1")
     need(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "a list of sizes >= 1")
+    need(
+        len(m.channels) >= 1 and all(c >= 1 for c in m.channels),
+        "model.channels",
+        list(m.channels),
+        "sizes >= 1",
+    )
+    need(
+        m.compute_dtype in ("float32", "bfloat16"),
+        "model.compute_dtype",
+        m.compute_dtype,
+        "float32 or bfloat16",
+    )
     if d.name == "sinusoid":
-        need(m.name == "mlp", "model", m.name, "mlp for dataset=sinusoid (images need conv4)")
+        need(m.name == "mlp", "model", m.name, "mlp for dataset=sinusoid (images need conv4 or resnet12)")
+    else:
+        need(m.name != "mlp", "model", m.name, "conv4 or resnet12 for image datasets")
 
     need(o.name in _OPTIMS, "optim.name", o.name, f"one of {list(_OPTIMS)}")
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0")

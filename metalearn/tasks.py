@@ -327,14 +327,15 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     )
 
 
-def build_task_source(cfg: Any) -> TaskSource:
-    """The task source for ``cfg.dataset`` (a DatasetConfig)."""
-    if cfg.name == "sinusoid":
-        return sinusoid_source(cfg)
+DATASETS = ("sinusoid", "omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder")
+
+
+def load_image_arrays(cfg: Any) -> dict[str, Any]:
+    """The per-split images of the image dataset ``cfg.name`` (a DatasetConfig)."""
     if cfg.name == "omniglot":
         from metalearn.data.omniglot import load_omniglot
 
-        arrays = load_omniglot(
+        return load_omniglot(
             variant=cfg.variant,
             manual_dir=cfg.manual_dir,
             data_dir=cfg.data_dir,
@@ -343,5 +344,26 @@ def build_task_source(cfg: Any) -> TaskSource:
             split_seed=cfg.split_seed,
             download=cfg.download,
         )
-        return image_source(cfg, arrays)
-    raise ConfigError(f"invalid dataset.name={cfg.name!r}: must be one of ['sinusoid', 'omniglot']")
+    if cfg.name == "mini_imagenet":
+        from metalearn.data.mini_imagenet import load_mini_imagenet
+
+        return load_mini_imagenet(cfg.manual_dir, cfg.data_dir, image_size=cfg.image_size)
+    if cfg.name in ("cifar_fs", "fc100"):
+        from metalearn.data.cifar_fewshot import load_cifar_fs, load_fc100
+
+        load = load_cifar_fs if cfg.name == "cifar_fs" else load_fc100
+        return load(cfg.manual_dir, cfg.data_dir, download=cfg.download)
+    if cfg.name == "image_folder":
+        from metalearn.data.image_folder import load_image_folder
+
+        return load_image_folder(
+            cfg.path, cfg.data_dir, cfg.image_size, cfg.channels, list(cfg.split_ratios), cfg.split_seed
+        )
+    raise ConfigError(f"invalid dataset.name={cfg.name!r}: must be one of {list(DATASETS)}")
+
+
+def build_task_source(cfg: Any) -> TaskSource:
+    """The task source for ``cfg.dataset`` (a DatasetConfig)."""
+    if cfg.name == "sinusoid":
+        return sinusoid_source(cfg)
+    return image_source(cfg, load_image_arrays(cfg))

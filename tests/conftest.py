@@ -60,3 +60,47 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
+
+
+def write_mini_imagenet_pickles(
+    folder: Path, split_wnids: dict[str, tuple[str, ...]], per_class: int
+) -> Path:
+    """mini-imagenet-cache-{train,val,test}.pkl in the real format (image_data (N, 84, 84, 3)
+    uint8 + class_dict {wnid: rows}) for a scaled-down split; returns ``folder``."""
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {"train": "train", "validation": "val", "test": "test"}
+    for split, wnids in split_wnids.items():
+        rng = np.random.default_rng(len(split))
+        image_data = rng.integers(0, 256, size=(len(wnids) * per_class, 84, 84, 3), dtype=np.uint8)
+        class_dict = {w: list(range(i * per_class, (i + 1) * per_class)) for i, w in enumerate(wnids)}
+        with open(folder / f"mini-imagenet-cache-{names[split]}.pkl", "wb") as f:
+            pickle.dump({"image_data": image_data, "class_dict": class_dict}, f, protocol=4)
+    return folder
+
+
+def scaled_mini_imagenet_split(
+    train: int = 6, validation: int = 5, test: int = 5
+) -> dict[str, tuple[str, ...]]:
+    """The first classes of each split of the real (Ravi & Larochelle) split."""
+    from metalearn.data import mini_imagenet as mi
+
+    return {
+        "train": mi.TRAIN_WNIDS[:train],
+        "validation": mi.VALIDATION_WNIDS[:validation],
+        "test": mi.TEST_WNIDS[:test],
+    }
+
+
+@pytest.fixture
+def scaled_mini_imagenet(monkeypatch, tmp_path_factory):
+    """A manual_dir of synthetic mini-ImageNet pickles with 6/5/5 classes of 20 images, and the
+    loader's split constants scaled to match (in this process). Returns (manual_dir, data_dir)."""
+    from metalearn.data import mini_imagenet as mi
+
+    split = scaled_mini_imagenet_split()
+    monkeypatch.setattr(mi, "SPLIT_WNIDS", split)
+    monkeypatch.setattr(mi, "IMAGES_PER_CLASS", 20)
+    root = tmp_path_factory.mktemp("mini_imagenet")
+    return write_mini_imagenet_pickles(root / "manual", split, 20), root / "data"

@@ -53,18 +53,27 @@ def test_presets_exist():
         "maml_sinusoid_k5",
         "maml_sinusoid_k10",
         *(f"{a}_omniglot_{s}" for a in ("maml", "fomaml") for s in ("5w1s", "5w5s", "20w1s", "20w5s")),
+        "maml_miniimagenet_5w1s",
+        "maml_miniimagenet_5w5s",
+        "caml_sinusoid_k10",
+        "caml_miniimagenet_5w1s",
     }
     assert required <= set(PRESETS)
 
 
+# Preset names spell datasets without underscores: <algo>_<dataset>_<setting>.
+DATASET_NAMES = {"miniimagenet": "mini_imagenet"}
+
+
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_trains(name, tmp_path, omniglot_cache):
+def test_preset_composes_and_trains(name, tmp_path, omniglot_cache, request):
     cfg = _compose([f"experiment={name}"])
     validate(cfg)
     assert cfg.paper.source, f"{name}: paper.source is empty"
     assert cfg.paper.metric in ("accuracy", "mse")
     # The preset's own algorithm and dataset are selected (names are <algo>_<dataset>_...).
     algo, dataset = name.split("_")[:2]
+    dataset = DATASET_NAMES.get(dataset, dataset)
     assert (cfg.algo.name, cfg.dataset.name) == (algo, dataset)
 
     overrides = [f"experiment={name}", *TINY]
@@ -77,6 +86,10 @@ def test_preset_composes_and_trains(name, tmp_path, omniglot_cache):
             f"dataset.manual_dir={SHARED_OMNIGLOT}",
             f"dataset.data_dir={omniglot_cache}",
         ]
+    if dataset == "mini_imagenet":
+        # Synthetic pickles in the real format, scaled to 6/5/5 classes of 20 images.
+        manual, data = request.getfixturevalue("scaled_mini_imagenet")
+        overrides += [f"dataset.manual_dir={manual}", f"dataset.data_dir={data}", "dataset.k_query=3"]
     cfg = _compose(overrides)
     results = train(cfg, tmp_path / "run")
     assert results["test"]["metric"] == cfg.paper.metric
