@@ -4,6 +4,12 @@ Runs the same jitted meta-step that `metalearn train` uses on synthetic data of 
 workload's shape (real data does not change the arithmetic). Timing excludes compilation
 (the first call) and blocks on the result of the last step.
 
+Memory, per row: each row runs in a fresh subprocess (unless --no-isolate), so "peak MB" is
+that row's own peak (device memory on an accelerator, resident set size on CPU, where it
+includes the Python process and the dataset); "XLA MB" is the compiled meta-step's own
+footprint from XLA's memory analysis (arguments + outputs + temporaries, minus donated
+buffers), which does not depend on the process.
+
     python scripts/bench.py --quick                       # a small grid, a few minutes on CPU
     python scripts/bench.py --workloads omniglot_5w1s --algos maml,fomaml --inner-steps 1,5
     python scripts/bench.py --conv-impl im2col,xla --workloads omniglot_5w1s
@@ -14,9 +20,11 @@ Prints a table and appends JSON lines to --out (default outputs/bench/bench.json
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +64,27 @@ WORKLOADS = {
         (84, 84, 3),
         2,
     ),
+    "miniimagenet_5w1s_resnet12": (
+        {"name": "omniglot", "n_way": 5, "k_shot": 1, "k_query": 15},
+        {"name": "resnet12"},
+        (84, 84, 3),
+        4,
+    ),
 }
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """Arguments + outputs + temporaries of a compiled executable, minus donated (aliased)
+    buffers, from XLA's memory analysis; None where the backend gives none."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not implemented on every backend / version
+        return None
+    if m is None:
+        return None
+    return int(
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    )
 
 
 def peak_memory_bytes() -> tuple[str, int]:
@@ -77,11 +105,12 @@ def bench_one(
     remat: bool,
     min_steps: int,
     min_seconds: float,
+    compute_dtype: str = "float32",
 ) -> dict:
     dataset, model, shape, default_batch = WORKLOADS[workload]
     cfg = OmegaConf.structured(Config)
     cfg.dataset = OmegaConf.merge(cfg.dataset, dataset)
-    cfg.model = OmegaConf.merge(cfg.model, dict(model, conv_impl=conv_impl))
+    cfg.model = OmegaConf.merge(cfg.model, dict(model, conv_impl=conv_impl, compute_dtype=compute_dtype))
     cfg.algo.name, cfg.algo.inner_steps, cfg.algo.remat = algo, inner_steps, remat
     cfg.algo.inner_lr = 0.01
     batch = meta_batch or default_batch
@@ -100,6 +129,8 @@ def bench_one(
     data = replicate(source.splits["train"], mesh)
 
     start = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    xla_bytes = compiled_memory_bytes(compiled)
     state, metrics = step(state, data)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
@@ -120,12 +151,14 @@ def bench_one(
         "conv_impl": conv_impl,
         "meta_batch": batch,
         "remat": remat,
+        "compute_dtype": compute_dtype,
         "steps_per_s": n / elapsed,
         "tasks_per_s": n * batch / elapsed,
         "compile_s": compile_s,
         "timed_steps": n,
         "peak_memory_mb": peak / 2**20,
         "memory_kind": kind,
+        "xla_memory_mb": None if xla_bytes is None else xla_bytes / 2**20,
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "jax": jax.__version__,
@@ -143,11 +176,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conv-impl", default="im2col")
     parser.add_argument("--meta-batch", default="", help="comma list; default: each workload's paper value")
     parser.add_argument("--remat", default="false", help="comma list of true/false")
+    parser.add_argument("--dtype", default="float32", help="comma list of model.compute_dtype values")
+    parser.add_argument(
+        "--no-isolate", action="store_true", help="run every row in this process (peak memory is then shared)"
+    )
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print its JSON
     parser.add_argument("--min-steps", type=int, default=10)
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="sinusoid + Omniglot 5w1s, 1 inner step")
     parser.add_argument("--out", default="outputs/bench/bench.jsonl")
     args = parser.parse_args(argv)
+    if args.row:
+        print("ROW " + json.dumps(bench_one(**json.loads(args.row))), flush=True)
+        return
     if args.quick:
         args.workloads, args.inner_steps, args.min_steps, args.min_seconds = (
             "sinusoid,omniglot_5w1s",
@@ -167,31 +208,59 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     header = (
         f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'batch':>5} {'remat':<5} "
-        f"{'steps/s':>9} {'tasks/s':>9} {'compile s':>9} {'peak MB':>9}"
+        f"{'dtype':<8} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} {'peak MB':>9} {'XLA MB':>8}"
     )
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
     print(header)
-    for workload in split(args.workloads):
-        for algo in split(args.algos):
-            for k in map(int, split(args.inner_steps)):
-                for impl in split(args.conv_impl):
-                    if workload == "sinusoid" and impl != split(args.conv_impl)[0]:
-                        continue  # no convolutions
-                    for mb in [int(b) for b in split(args.meta_batch)] or [None]:
-                        for remat in [r.lower() == "true" for r in split(args.remat)]:
-                            row = bench_one(
-                                workload, algo, k, impl, mb, remat, args.min_steps, args.min_seconds
-                            )
-                            rows.append(row)
-                            with out.open("a") as f:
-                                f.write(json.dumps(row) + "\n")
-                            print(
-                                f"{workload:<18} {algo:<7} {k:>2} {impl:<6} {row['meta_batch']:>5} "
-                                f"{str(remat):<5} {row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} "
-                                f"{row['compile_s']:>9.1f} {row['peak_memory_mb']:>9.0f}",
-                                flush=True,
-                            )
+    specs = [
+        dict(
+            workload=workload,
+            algo=algo,
+            inner_steps=k,
+            conv_impl=impl,
+            meta_batch=mb,
+            remat=remat,
+            min_steps=args.min_steps,
+            min_seconds=args.min_seconds,
+            compute_dtype=dtype,
+        )
+        for workload, algo, k, impl, mb, remat, dtype in itertools.product(
+            split(args.workloads),
+            split(args.algos),
+            map(int, split(args.inner_steps)),
+            split(args.conv_impl),
+            [int(b) for b in split(args.meta_batch)] or [None],
+            [r.lower() == "true" for r in split(args.remat)],
+            split(args.dtype),
+        )
+        # the sinusoid MLP has no convolutions: one conv_impl is enough
+        if not (workload == "sinusoid" and impl != split(args.conv_impl)[0])
+    ]
+    for spec in specs:
+        row = bench_one(**spec) if args.no_isolate else _isolated(spec)
+        rows.append(row)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        xla = "-" if row["xla_memory_mb"] is None else f"{row['xla_memory_mb']:.0f}"
+        print(
+            f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
+            f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} "
+            f"{row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} {row['compile_s']:>9.1f} "
+            f"{row['peak_memory_mb']:>9.0f} {xla:>8}",
+            flush=True,
+        )
     print(f"appended {len(rows)} rows to {out}")
+
+
+def _isolated(spec: dict) -> dict:
+    """Run one row in a fresh Python process so that its peak memory is its own."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--row", json.dumps(spec)], capture_output=True, text=True
+    )
+    rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    if proc.returncode != 0 or not rows:
+        sys.exit(f"bench: row {spec} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(rows[-1])
 
 
 if __name__ == "__main__":
