@@ -71,6 +71,8 @@ class CheckpointWriter:
             return  # this exact step is already on disk (e.g. the final save after a periodic one)
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
         self._manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return  # multi-process: every process saves through orbax; process 0 alone writes the manifest
         step_dir = Path(self._manager.directory) / str(step)
         tmp = step_dir / (MANIFEST_NAME + ".tmp")
         with tmp.open("w") as f:
@@ -167,7 +169,7 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
                     run_dir / CHECKPOINT_DIR / str(step),
                     reason,
                 )
-                if quarantine:
+                if quarantine and jax.process_index() == 0:  # multi-process: one process renames
                     src = run_dir / CHECKPOINT_DIR / str(step)
                     dest, n = src.with_name(f"corrupt-{step}"), 1
                     while dest.exists():

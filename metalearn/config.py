@@ -351,6 +351,7 @@ def validate(cfg: Any) -> None:
         )
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, ">= 1")
     need(t.on_nan in ("stop", "skip"), "trainer.on_nan", t.on_nan, "stop or skip")
+    need(t.distributed in ("auto", "on", "off"), "trainer.distributed", t.distributed, "auto, on or off")
     need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
     need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")

@@ -221,7 +221,7 @@ class HostSampler:
     to_tasks: Callable[[jax.Array], Task]
 
     def indices(self, split: str, keys: jax.Array) -> Any:
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]
         return jax.device_get(self.index_fns[split](jax.device_put(keys, cpu)))
 
     def gather(self, split: str, idx: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ from metalearn.algos import MetaLearner, Problem, make_algorithm
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
+from metalearn.distributed import NullLogger, is_main_process, maybe_initialize, shared_run_dir
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
 from metalearn.models import Model, make_model
@@ -76,10 +77,10 @@ TASK_AXIS = "tasks"
 
 
 def task_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all local devices) whose axis ``"tasks"``
-    carries the meta-batch. One device gives a mesh of one, so the same code path runs
-    everywhere."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh over ``devices`` (default: all devices, of every process in a multi-process
+    job) whose axis ``"tasks"`` carries the meta-batch. One device gives a mesh of one, so
+    the same code path runs everywhere."""
+    devices = jax.devices() if devices is None else list(devices)  # multi-process: all global devices
     return Mesh(np.array(devices), (TASK_AXIS,))
 
 
@@ -237,7 +238,7 @@ class HostPrefetcher:
         self._thread.start()
 
     def _batch_for(self, step: int) -> jax.Array:
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
             keys = step_task_keys(self._base_key, step, self._batch)
         idx = self._host.indices("train", keys)
         first = jax.tree.map(lambda a: a[:1], idx)
@@ -322,7 +323,7 @@ def make_evaluator(
 
         def evaluate_on_host(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
             del data
-            with jax.default_device(jax.devices("cpu")[0]):
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 keys = task_keys(key)
                 sample_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
             chunks = []
@@ -487,6 +488,12 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
 
     validate(cfg)
     t = cfg.trainer
+    # Multi-process hook (metalearn.distributed): join the job before any device use; all
+    # processes share process 0's run dir, and only process 0 writes files and prints.
+    process_note = maybe_initialize(t.distributed)
+    main = is_main_process()
+    say = print if main else (lambda *args, **kwargs: None)
+    run_dir = shared_run_dir(run_dir)
     mesh = task_mesh()
     check_meta_batch(t.meta_batch_size, mesh)  # before anything is written
     run_dir = Path(run_dir)
@@ -507,8 +514,9 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             raise ConfigError(
                 f"invalid trainer.steps={t.steps}: the checkpoint in {run_dir} is at step {int(state.step)}"
             )
-        _truncate_metrics(metrics_path, int(state.step))
-        print(
+        if main:  # multi-process hook
+            _truncate_metrics(metrics_path, int(state.step))
+        say(
             f"metalearn: resuming {run_dir} from step {int(state.step)}"
             if restored is not None
             else f"metalearn: no checkpoint in {run_dir}; starting at step 0",
@@ -528,19 +536,23 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             exp.source, state.key, t.meta_batch_size, mesh, start_step, t.steps, cfg.dataset.prefetch
         )
     # metrics.jsonl, mirrored to TensorBoard event files in the run dir if trainer.tensorboard.
-    logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard)
+    logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard) if main else NullLogger()
     resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run_dir}"
 
-    print(
+    say(
         f"metalearn: {cfg.algo.name} on {cfg.dataset.name} ({exp.source.kind}, input "
         f"{exp.source.input_shape}, {exp.source.output_dim} outputs), {t.steps} steps x "
         f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run_dir}",
         flush=True,
     )
+    if jax.process_count() > 1:
+        say(f"metalearn: {process_note}", flush=True)
     if exp.source.placement_note:
-        print(f"metalearn: episodes {exp.source.placement_note}", flush=True)
+        say(f"metalearn: episodes {exp.source.placement_note}", flush=True)
     writer = CheckpointWriter(run_dir, t.keep_checkpoints)
-    bar = tqdm(total=t.steps, initial=start_step, disable=not t.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=t.steps, initial=start_step, disable=not (t.progress and main), unit="step", dynamic_ncols=True
+    )
     start = last_time = time.perf_counter()
     last_step, compile_s = start_step, None
     try:
@@ -591,7 +603,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                             "time_s": time.perf_counter() - start,
                         }
                     )
-                    bar.write(f"step {step}: validation {format_summary(val)}")
+                    if main:
+                        bar.write(f"step {step}: validation {format_summary(val)}")
                 if checkpoint_due:
                     writer.save(state)
                 if stopping:
@@ -628,8 +641,9 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         # The preset's published number, if any (conf/experiment/), for reports.
         "paper": dict(cfg.paper) if "paper" in cfg else None,
     }
-    write_json(run_dir / "results.json", results)
-    print(
+    if main:  # multi-process hook
+        write_json(run_dir / "results.json", results)
+    say(
         f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
         f"results in {run_dir / 'results.json'}",
         flush=True,

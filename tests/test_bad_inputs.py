@@ -85,6 +85,7 @@ PRECHECK_CASES = [
     (["train", "trainer.meta_batch_size=0"], "trainer.meta_batch_size"),
     (["train", "trainer.keep_checkpoints=0"], "trainer.keep_checkpoints"),
     (["train", "trainer.on_nan=ignore"], "trainer.on_nan"),
+    (["train", "trainer.distributed=maybe"], "trainer.distributed"),
     (["train", "eval.n_tasks=1"], "eval.n_tasks"),
     (["train", "eval.split=dev"], "eval.split"),
     (["train", "attack.eps=-1"], "attack.eps"),
