@@ -322,6 +322,13 @@ def validate(cfg: Any) -> None:
         m.compute_dtype,
         "float32 or bfloat16",
     )
+    if m.name == "resnet12" and d.name != "sinusoid":
+        need(
+            d.image_size >= 2 ** len(m.channels),
+            "dataset.image_size",
+            d.image_size,
+            f">= {2 ** len(m.channels)} for resnet12 (each of its {len(m.channels)} stages halves the size)",
+        )
     if d.name == "sinusoid":
         need(m.name == "mlp", "model", m.name, "mlp for dataset=sinusoid (images need conv4 or resnet12)")
     else:

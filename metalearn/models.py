@@ -1,18 +1,34 @@
-"""Flax models: the sinusoid MLP and the MAML paper's Conv4.
+"""Flax models: the sinusoid MLP, the MAML paper's Conv4 and ResNet-12.
 
-Both are plain ``flax.linen`` modules whose parameters are an ordinary pytree, so
-meta-learning algorithms can differentiate through ``apply(params, x)`` freely. Either can
+All are plain ``flax.linen`` modules whose parameters are an ordinary pytree, so
+meta-learning algorithms can differentiate through ``apply(params, x)`` freely. Each can
 also be built context-conditioned (``make_model(..., context_size=C)``, CAVIA/CAML): then
 ``apply(params, x, context)`` takes a context vector (C,) that is not part of ``params``.
 
-Conv4 uses BatchNorm with the statistics of the current batch at train *and* test time
-(no running averages). This is the transductive setting of the MAML paper's code: at
-test time the query set of one task is normalised with its own statistics.
+Conv4 and ResNet-12 use BatchNorm with the statistics of the current batch at train *and*
+test time (no running averages). This is the transductive setting of the MAML paper's
+code: at test time the query set of one task is normalised with its own statistics.
 
 Convolutions default to ``conv_impl="im2col"``: the 3x3 patches are gathered with nine
 strided slices and contracted with the kernel by one matmul. Under ``jax.vmap`` with
 per-task (adapted) kernels this becomes a batched matmul, whereas ``lax.conv`` becomes
 a grouped convolution that XLA:CPU runs tens of times slower.
+
+Mixed precision (``model.compute_dtype``): with ``"bfloat16"`` every module casts its
+float32 parameters and its input to bfloat16 where they are used, so convolutions,
+matmuls and activations run in bf16, while
+
+- :class:`BatchStatNorm` computes the batch mean/variance and the normalisation in
+  float32 (its scale/bias stay float32) and returns bf16;
+- the final ``head`` layer runs in float32 on the (up-cast) features, so the logits, and
+  hence the loss, are float32 (ANIL's inner loop on the head is all float32);
+- ``init`` returns float32 parameters; gradients flow back through the casts, so
+  gradients and optimizer state are float32 as well.
+
+``"float32"`` (the default) casts nothing: the modules compute in the dtype of their
+inputs and parameters (float64 under ``jax_enable_x64`` with float64 params), exactly as
+before the option existed. Mixed precision lives in the modules (attribute ``dtype``), so
+it also holds for ``model.module.apply`` and for :func:`with_context`'s twin.
 """
 
 from __future__ import annotations
@@ -33,6 +49,13 @@ def _same_padding(size: int, stride: int, kernel: int) -> tuple[int, int]:
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
     return total // 2, total - total // 2
+
+
+def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both in their common dtype (lax.conv, unlike matmul, does not promote; e.g. a
+    float32 input with the float64 parameters ``init`` makes under jax_enable_x64)."""
+    dtype = jnp.result_type(x, kernel)
+    return x.astype(dtype), kernel.astype(dtype)
 
 
 def conv3x3_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -60,6 +83,7 @@ def conv3x3_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 def conv3x3_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """Same contract as :func:`conv3x3_im2col`, through ``lax.conv_general_dilated``."""
+    x, kernel = _promote(x, kernel)
     lead = x.shape[:-3]
     y = lax.conv_general_dilated(
         x.reshape((-1,) + x.shape[-3:]),
@@ -71,35 +95,90 @@ def conv3x3_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return y.reshape(lead + y.shape[1:])
 
 
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """x in the compute dtype; dtype None (float32 mode) leaves x untouched."""
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def _head_dtype(dtype: Any) -> Any:
+    """Dtype of the final layer: float32 under mixed precision, else unchanged (None)."""
+    return None if dtype is None else jnp.promote_types(dtype, jnp.float32)
+
+
 class Conv3x3(nn.Module):
+    """SAME 3x3 convolution (kernel (3, 3, C, F), optional bias (F,)); float32 params.
+
+    dtype: compute dtype (None: that of x and the params). ``use_bias=False`` when a
+    BatchNorm follows (its mean subtraction cancels a bias).
+    """
+
     features: int
     stride: int = 1
     impl: str = "im2col"
+    use_bias: bool = True
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.glorot_uniform(), (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
         conv = conv3x3_im2col if self.impl == "im2col" else conv3x3_xla
-        return conv(x, kernel, self.stride) + bias
+        y = conv(_cast(x, self.dtype), _cast(kernel, self.dtype), self.stride)
+        if self.use_bias:
+            y = y + _cast(self.param("bias", nn.initializers.zeros, (self.features,)), self.dtype)
+        return y
+
+
+class Conv1x1(nn.Module):
+    """1x1 convolution without bias (ResNet shortcut), kernel (1, 1, C, F).
+
+    ``impl="im2col"``: a plain matmul over the channel axis (a batched matmul under vmap);
+    ``"xla"``: ``lax.conv_general_dilated``. Both are exactly a per-pixel linear map.
+    """
+
+    features: int
+    impl: str = "im2col"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.glorot_uniform(), (1, 1, x.shape[-1], self.features))
+        x, kernel = _cast(x, self.dtype), _cast(kernel, self.dtype)
+        if self.impl == "im2col":
+            return x @ kernel.reshape(kernel.shape[-2:])
+        x, kernel = _promote(x, kernel)
+        lead = x.shape[:-3]
+        y = lax.conv_general_dilated(
+            x.reshape((-1,) + x.shape[-3:]),
+            kernel,
+            window_strides=(1, 1),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y.reshape(lead + y.shape[1:])
 
 
 class BatchStatNorm(nn.Module):
     """BatchNorm that always normalises with the current batch's statistics.
 
-    x: (B, ..., F); mean and variance are taken over every axis but the last.
+    x: (B, ..., F); mean and variance are taken over every axis but the last. A
+    low-precision input (bf16) is normalised in float32 (statistics included) and the
+    result is returned in the input's dtype.
     """
 
     epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
+        if low_precision is not None:
+            x = x.astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(x, axis=axes)
         var = jnp.mean(jnp.square(x - mean), axis=axes)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        y = (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        return y if low_precision is None else y.astype(low_precision)
 
 
 def _context_or_zeros(context: jax.Array | None, size: int, dtype: Any) -> jax.Array:
@@ -120,10 +199,12 @@ class FiLM(nn.Module):
     the context affects the output (a zero kernel would give the context zero gradient).
     """
 
+    dtype: Any = None
+
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        film = nn.Dense(2 * features, name="dense")(context)
+        film = nn.Dense(2 * features, dtype=self.dtype, name="dense")(context)
         gamma, beta = 1.0 + film[:features], film[features:]
         return gamma * x + beta
 
@@ -138,15 +219,18 @@ class MLP(nn.Module):
     hidden: Sequence[int]
     out: int
     context_size: int = 0
+    # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        x = _cast(x, self.dtype)
         if self.context_size:
-            context = _context_or_zeros(context, self.context_size, x.dtype)
+            context = _cast(_context_or_zeros(context, self.context_size, x.dtype), self.dtype)
             x = jnp.concatenate([x, jnp.broadcast_to(context, x.shape[:-1] + context.shape)], axis=-1)
         for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
-        return nn.Dense(self.out, name="head")(x)
+            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
+        return nn.Dense(self.out, dtype=_head_dtype(self.dtype), name="head")(x)
 
 
 class Conv4(nn.Module):
@@ -167,22 +251,95 @@ class Conv4(nn.Module):
     # CAVIA: a context vector (context_size,) modulates block ``film_block`` through FiLM.
     context_size: int = 0
     film_block: int = 2
+    # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         stride = 2 if self.downsample == "stride" else 1
+        x = _cast(x, self.dtype)
         if self.context_size:
-            context = _context_or_zeros(context, self.context_size, x.dtype)
+            context = _cast(_context_or_zeros(context, self.context_size, x.dtype), self.dtype)
         for i in range(self.blocks):
-            x = Conv3x3(self.filters, stride, self.conv_impl, name=f"conv_{i}")(x)
+            x = Conv3x3(self.filters, stride, self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
             x = BatchStatNorm(name=f"norm_{i}")(x)
             if self.context_size and i == self.film_block:
-                x = FiLM(name="film")(x, context)
+                x = FiLM(dtype=self.dtype, name="film")(x, context)
             x = nn.relu(x)
             if self.downsample == "maxpool":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         x = x.reshape(x.shape[:-3] + (-1,))
-        return nn.Dense(self.out, name="head")(x)
+        return nn.Dense(self.out, dtype=_head_dtype(self.dtype), name="head")(x)
+
+
+class ResBlock(nn.Module):
+    """One ResNet-12 stage without its final activation and pooling.
+
+    x: (B, H, W, C) -> (B, H, W, features) = BN(conv(LReLU(BN(conv(LReLU(BN(conv(x)))))))
+    + BN(conv1x1(x)): three bias-free 3x3 convs, each followed by a batch-statistics
+    BatchNorm, LeakyReLU after the first two only; the shortcut is a 1x1 conv + BatchNorm.
+    Params: conv_{0,1,2}, norm_{0,1,2}, shortcut_conv, shortcut_norm.
+    """
+
+    features: int
+    conv_impl: str = "im2col"
+    negative_slope: float = 0.1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x
+        for j in range(3):
+            conv = Conv3x3(self.features, 1, self.conv_impl, False, self.dtype, name=f"conv_{j}")
+            h = BatchStatNorm(name=f"norm_{j}")(conv(h))
+            if j < 2:
+                h = nn.leaky_relu(h, self.negative_slope)
+        shortcut = Conv1x1(self.features, self.conv_impl, dtype=self.dtype, name="shortcut_conv")(x)
+        return h + BatchStatNorm(name="shortcut_norm")(shortcut)
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 of MetaOptNet / TADAM. x: (B, H, W, C) -> logits (B, out).
+
+    One residual stage per entry of ``channels`` (4 by default: 64-160-320-640, 3 convs
+    each, hence "12"), parameter subtrees ``stage_0`` .. ``stage_3`` (see
+    :class:`ResBlock`). After each stage's residual addition: LeakyReLU(0.1), then a 2x2
+    max-pool (VALID, so 84 -> 42 -> 21 -> 10 -> 5 and 32 -> 16 -> 8 -> 4 -> 2; inputs
+    need H, W >= 2 ** len(channels)). Then a global average pool and a linear ``head``
+    (channels[-1] -> out). BatchNorm uses batch statistics (transductive, as Conv4); convs
+    are bias-free; ``conv_impl`` selects im2col or lax.conv as in Conv4. No DropBlock and
+    no dropout (the papers' regularisers are left out: adaptation stays deterministic).
+
+    With ``context_size`` > 0, :class:`FiLM` (param subtree ``film``) modulates the output
+    of stage ``film_stage`` (default 2, the third stage) after its residual addition and
+    before its LeakyReLU, the analogue of Conv4's FiLM between BatchNorm and ReLU.
+    """
+
+    out: int
+    channels: Sequence[int] = (64, 160, 320, 640)
+    conv_impl: str = "im2col"
+    negative_slope: float = 0.1
+    context_size: int = 0
+    film_stage: int = 2
+    # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        x = _cast(x, self.dtype)
+        if self.context_size:
+            context = _cast(_context_or_zeros(context, self.context_size, x.dtype), self.dtype)
+        for i, features in enumerate(self.channels):
+            x = ResBlock(features, self.conv_impl, self.negative_slope, self.dtype, name=f"stage_{i}")(x)
+            if self.context_size and i == self.film_stage:
+                x = FiLM(dtype=self.dtype, name="film")(x, context)
+            x = nn.leaky_relu(x, self.negative_slope)
+            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        head_dtype = _head_dtype(self.dtype)
+        if head_dtype is not None:
+            x = x.astype(head_dtype)  # average pool and head in float32
+        x = jnp.mean(x, axis=(-3, -2))
+        return nn.Dense(self.out, dtype=head_dtype, name="head")(x)
 
 
 class Model(NamedTuple):
@@ -199,17 +356,31 @@ class Model(NamedTuple):
     context_size: int = 0
 
 
+_COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_size: int = 0) -> Model:
-    """Build the model named by ``cfg.name`` (a ModelConfig).
+    """Build the model named by ``cfg.name`` (a ModelConfig): mlp, conv4 or resnet12.
+
+    mlp uses ``hidden``; conv4 ``filters``, ``blocks``, ``downsample``, ``conv_impl``;
+    resnet12 ``channels`` and ``conv_impl``. ``compute_dtype`` ("float32" or "bfloat16")
+    applies to all (see the module docstring).
 
     context_size > 0 builds the context-conditioned variant (CAVIA): the MLP concatenates
     the context to its input; Conv4 applies FiLM after the third block (the last block if
-    there are fewer). With context_size = 0 the parameters are exactly the plain model's.
+    there are fewer), ResNet-12 after the third stage's residual addition (the last stage
+    if there are fewer). With context_size = 0 the parameters are exactly the plain model's.
     """
     if context_size < 0:
         raise ValueError(f"context_size must be >= 0, got {context_size}")
+    compute_dtype = getattr(cfg, "compute_dtype", "float32")
+    if compute_dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute_dtype {compute_dtype!r}: use one of {sorted(_COMPUTE_DTYPES)}")
+    dtype = _COMPUTE_DTYPES[compute_dtype]
     if cfg.name == "mlp":
-        module: nn.Module = MLP(hidden=tuple(cfg.hidden), out=output_dim, context_size=context_size)
+        module: nn.Module = MLP(
+            hidden=tuple(cfg.hidden), out=output_dim, context_size=context_size, dtype=dtype
+        )
     elif cfg.name == "conv4":
         module = Conv4(
             out=output_dim,
@@ -219,6 +390,19 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
             conv_impl=cfg.conv_impl,
             context_size=context_size,
             film_block=min(2, cfg.blocks - 1),
+            dtype=dtype,
+        )
+    elif cfg.name == "resnet12":
+        channels = tuple(cfg.channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"resnet12 needs channels >= 1 per stage, got {list(channels)}")
+        module = ResNet12(
+            out=output_dim,
+            channels=channels,
+            conv_impl=cfg.conv_impl,
+            context_size=context_size,
+            film_stage=min(2, len(channels) - 1),
+            dtype=dtype,
         )
     else:  # validated earlier; kept for direct library use
         raise ValueError(f"unknown model {cfg.name!r}")
@@ -229,11 +413,12 @@ def with_context(model: Model, input_shape: tuple[int, ...], context_size: int) 
     """``model``'s architecture, conditioned on a context vector of ``context_size``.
 
     For algorithms (CAML) that receive an already-built plain model and need its
-    context-conditioned twin: same layers and options, plus the context input / FiLM.
+    context-conditioned twin: same layers and options (compute dtype included), plus the
+    context input / FiLM.
     """
     if context_size < 1:
         raise ValueError(f"context_size must be >= 1, got {context_size}")
-    if not isinstance(model.module, MLP | Conv4):
+    if not isinstance(model.module, MLP | Conv4 | ResNet12):
         raise ValueError(f"{type(model.module).__name__} cannot take a context")
     return _wrap(model.module.clone(context_size=context_size), input_shape, context_size)
 
