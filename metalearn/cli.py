@@ -187,6 +187,22 @@ def _remove_failed_output(out: Path, command) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _out_of_memory(err: Exception, command) -> Exception:
+    """A one-line MetalearnError for an accelerator/host allocation failure, naming the
+    settings that set the memory of the meta-step and of evaluation."""
+    from metalearn.errors import MetalearnError
+
+    first = next((line for line in str(err).splitlines() if "RESOURCE_EXHAUSTED" in line), "")
+    detail = first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    hint = (
+        "lower eval.batch_size (tasks evaluated in parallel)"
+        if command is _eval_command
+        else "lower trainer.meta_batch_size, eval.batch_size (tasks evaluated in parallel) "
+        "or set algo.remat=true"
+    )
+    return MetalearnError(f"out of memory ({detail}): {hint}; checkpoints already written are kept")
+
+
 def _run_guarded(fn, cfg) -> float | None:
     """Run a command; a MetalearnError becomes one line on stderr and its exit code (2;
     128 + signal for a pre-empted training run).
@@ -203,9 +219,14 @@ def _run_guarded(fn, cfg) -> float | None:
     out = Path(HydraConfig.get().runtime.output_dir)
     _STATE["jobs"] += 1
     try:
-        # A train job's return value is its test metric: the objective a Hydra sweeper
-        # such as Optuna minimises or maximises (the basic sweeper ignores it).
-        return fn(cfg)
+        try:
+            # A train job's return value is its test metric: the objective a Hydra sweeper
+            # such as Optuna minimises or maximises (the basic sweeper ignores it).
+            return fn(cfg)
+        except Exception as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            raise _out_of_memory(err, fn) from err
     except Preempted as err:
         _fail(str(err), err.exit_code)  # also ends a sweep: the machine is going away
     except MetalearnError as err:

@@ -267,3 +267,14 @@ def test_validate_raises_only_config_errors_naming_a_key(values):
         assert named, message
         for key in named.group(1).split(" + "):
             assert OmegaConf.select(cfg, key, default="absent") != "absent", message
+
+
+def test_out_of_memory_becomes_one_line_naming_the_settings():
+    err = RuntimeError(
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 30494697576 bytes.\nmore"
+    )
+    train_msg = str(cli._out_of_memory(err, cli._train_command))
+    assert "\n" not in train_msg and "30494697576 bytes" in train_msg
+    assert "trainer.meta_batch_size" in train_msg and "eval.batch_size" in train_msg
+    eval_msg = str(cli._out_of_memory(err, cli._eval_command))
+    assert "eval.batch_size" in eval_msg and "trainer.meta_batch_size" not in eval_msg

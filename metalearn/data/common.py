@@ -12,6 +12,7 @@ each either
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -156,3 +157,27 @@ def cached_arrays(
     arrays = build()
     save_npz_atomic(path, arrays)
     return arrays
+
+
+@contextlib.contextmanager
+def tfds_in_memory_shuffle(limit_bytes: int = 16 << 30):
+    """Let TFDS keep up to ``limit_bytes`` of a split's serialized examples in memory while
+    it writes a build.
+
+    Past its buffer (1 GB in tensorflow-datasets 4.9) TFDS spills examples to temporary
+    bucket files through ``tf.io.gfile``, which needs TensorFlow; mini-ImageNet's train
+    split is larger than that. Our builds are written from data already in memory, so
+    holding the serialized copy there too costs about as much again and needs no
+    TensorFlow. The module constant is restored afterwards.
+    """
+    from tensorflow_datasets.core import shuffle
+
+    previous = getattr(shuffle, "MAX_MEM_BUFFER_SIZE", None)
+    if previous is None:  # a TFDS without this buffer: nothing to adjust
+        yield
+        return
+    shuffle.MAX_MEM_BUFFER_SIZE = max(previous, limit_bytes)
+    try:
+        yield
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = previous

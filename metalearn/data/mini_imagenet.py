@@ -86,6 +86,7 @@ from metalearn.data.common import (
     load_npz,
     resolve_data_dir,
     save_npz_atomic,
+    tfds_in_memory_shuffle,
 )
 from metalearn.errors import ConfigError, DataError
 
@@ -513,9 +514,12 @@ def _read_tfds(layout: str, data_root: Path, manual: Path, files: Mapping[str, P
             raise DataError(f"{WHAT} TFDS build of {layout} vanished from {data_root}; {MANUAL_INSTRUCTIONS}")
         classes = read_layout(layout, files)  # validated before TFDS starts
         builder = _builder(layout, data_root, classes=classes)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=os.fspath(manual))
-        )
+        with tfds_in_memory_shuffle():  # the train split exceeds TFDS's 1 GB buffer
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False, manual_dir=os.fspath(manual)
+                )
+            )
         del classes
         log.info("built TFDS metalearn_mini_imagenet/%s in %s", layout, builder.data_dir)
     arrays = {}
