@@ -76,6 +76,28 @@ _SCRIPT = textwrap.dedent(
         assert not np.allclose(quarters[0], quarters[1])
         print(name, "ok", l4)
 
+    # Host placement over 4 devices: each device receives its quarter of the gathered
+    # episodes, and training follows the on-device sampler's numbers.
+    from metalearn.train import HostPrefetcher
+
+    host_src = image_source(
+        image.dataset, synthetic_image_arrays(n_classes=6, per_class=5, size=8), placement="host"
+    )
+    host_exp = setup(image, host_src)
+    step = make_meta_step(host_exp, 8, mesh=mesh4)
+    state = init_state(host_exp, seed=0, mesh=mesh4)
+    batches = HostPrefetcher(host_src, state.key, 8, mesh4, 0, 3)
+    first = next(batches)
+    assert [sh.data.shape[0] for sh in first.addressable_shards] == [2, 2, 2, 2]
+    host_losses = []
+    for batch in [first, next(batches), next(batches)]:
+        state, metrics = step(state, batch)
+        host_losses.append(float(metrics["loss"]))
+    batches.close()
+    _, device_losses = run(setup(image, image_src), 8, mesh4)
+    np.testing.assert_allclose(host_losses, device_losses, rtol=1e-5)
+    print("host placement ok", host_losses)
+
     # A meta-batch that does not split evenly: one-line ConfigError naming the key and count.
     for check in (lambda: check_meta_batch(6, mesh4), lambda: make_meta_step(setup(sinusoid), 6)):
         try:
