@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from metalearn.config import Config
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import init_state, make_meta_step, replicate, setup, task_mesh
+from metalearn.train import HostPrefetcher, init_state, make_meta_step, replicate, setup, task_mesh
 
 # name -> (dataset overrides, model overrides, image shape or None, meta-batch size)
 WORKLOADS = {
@@ -106,6 +106,7 @@ def bench_one(
     min_steps: int,
     min_seconds: float,
     compute_dtype: str = "float32",
+    placement: str = "device",
 ) -> dict:
     dataset, model, shape, default_batch = WORKLOADS[workload]
     cfg = OmegaConf.structured(Config)
@@ -121,12 +122,17 @@ def bench_one(
         arrays = {
             s: rng.integers(0, 256, (40, 20, *shape), dtype=np.uint8) for s in ("train", "validation", "test")
         }
-        source = image_source(cfg.dataset, arrays)
+        source = image_source(cfg.dataset, arrays, placement=placement)
     exp = setup(cfg, source)
     mesh = task_mesh()  # all local devices, as in `metalearn train`
     state = init_state(exp, seed=0, mesh=mesh)
     step = make_meta_step(exp, batch, mesh=mesh)
-    data = replicate(source.splits["train"], mesh)
+    if source.host is None:
+        data = replicate(source.splits["train"], mesh)
+        batches = None
+    else:  # episodes gathered on the host by a prefetching thread, as in `metalearn train`
+        batches = HostPrefetcher(source, state.key, batch, mesh, 0, 10**9, depth=2)
+        data = next(batches)
 
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
@@ -137,12 +143,14 @@ def bench_one(
 
     n, start = 0, time.perf_counter()
     while n < min_steps or time.perf_counter() - start < min_seconds:
-        state, metrics = step(state, data)
+        state, metrics = step(state, data if batches is None else next(batches))
         n += 1
         if n % 10 == 0:  # bound the dispatch queue without syncing every step
             jax.block_until_ready(metrics)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
+    if batches is not None:
+        batches.close()
     kind, peak = peak_memory_bytes()
     return {
         "workload": workload,
@@ -152,6 +160,7 @@ def bench_one(
         "meta_batch": batch,
         "remat": remat,
         "compute_dtype": compute_dtype,
+        "placement": source.placement if shape is not None else "device",
         "steps_per_s": n / elapsed,
         "tasks_per_s": n * batch / elapsed,
         "compile_s": compile_s,
@@ -177,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--meta-batch", default="", help="comma list; default: each workload's paper value")
     parser.add_argument("--remat", default="false", help="comma list of true/false")
     parser.add_argument("--dtype", default="float32", help="comma list of model.compute_dtype values")
+    parser.add_argument(
+        "--placement", default="device", help="comma list: device (sampled in the step) or host (prefetched)"
+    )
     parser.add_argument(
         "--no-isolate", action="store_true", help="run every row in this process (peak memory is then shared)"
     )
@@ -208,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     header = (
         f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'batch':>5} {'remat':<5} "
-        f"{'dtype':<8} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} {'peak MB':>9} {'XLA MB':>8}"
+        f"{'dtype':<8} {'place':<6} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} "
+        f"{'peak MB':>9} {'XLA MB':>8}"
     )
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
     print(header)
@@ -223,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             min_steps=args.min_steps,
             min_seconds=args.min_seconds,
             compute_dtype=dtype,
+            placement=placement,
         )
-        for workload, algo, k, impl, mb, remat, dtype in itertools.product(
+        for workload, algo, k, impl, mb, remat, dtype, placement in itertools.product(
             split(args.workloads),
             split(args.algos),
             map(int, split(args.inner_steps)),
@@ -232,9 +246,13 @@ def main(argv: list[str] | None = None) -> None:
             [int(b) for b in split(args.meta_batch)] or [None],
             [r.lower() == "true" for r in split(args.remat)],
             split(args.dtype),
+            split(args.placement),
         )
         # the sinusoid MLP has no convolutions: one conv_impl is enough
-        if not (workload == "sinusoid" and impl != split(args.conv_impl)[0])
+        if not (
+            workload == "sinusoid"
+            and (impl != split(args.conv_impl)[0] or placement != split(args.placement)[0])
+        )
     ]
     for spec in specs:
         row = bench_one(**spec) if args.no_isolate else _isolated(spec)
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         xla = "-" if row["xla_memory_mb"] is None else f"{row['xla_memory_mb']:.0f}"
         print(
             f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
-            f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} "
+            f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} {row['placement']:<6} "
             f"{row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} {row['compile_s']:>9.1f} "
             f"{row['peak_memory_mb']:>9.0f} {xla:>8}",
             flush=True,
