@@ -453,6 +453,20 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+def _any_process_signalled(stop: _StopSignals) -> bool:
+    """Whether any process of a multi-process job has received SIGTERM/SIGINT (a small
+    all-gather; collective, so every process must call it at the same step). A process
+    that was not signalled itself adopts the first signal seen, for its exit code."""
+    from jax.experimental import multihost_utils
+
+    mine = np.array([stop.signum or 0], np.int32)
+    signals = np.asarray(multihost_utils.process_allgather(mine)).ravel()
+    received = [int(s) for s in signals if s]
+    if received and stop.signum is None:
+        stop.signum = received[0]
+    return bool(received)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the records of steps <= ``step`` (resume logs the later ones again).
 
@@ -555,6 +569,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     )
     start = last_time = time.perf_counter()
     last_step, compile_s = start_step, None
+    multi_process = jax.process_count() > 1
     try:
         with _StopSignals() as stop:
             for step in range(start_step + 1, t.steps + 1):
@@ -563,9 +578,14 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                     jax.block_until_ready(metrics)
                     compile_s = time.perf_counter() - start
                     last_time, last_step = time.perf_counter(), step
-                stopping = stop.signum is not None
-                checkpoint_due = stopping or (bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
                 log_due = step % t.log_every == 0 or step == t.steps
+                stopping = stop.signum is not None
+                if multi_process:
+                    # Every process must stop at the same step (the checkpoint save is
+                    # collective), so a signal is acted on at the next log step, once the
+                    # processes have agreed that one of them received it.
+                    stopping = log_due and _any_process_signalled(stop)
+                checkpoint_due = stopping or (bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
                 if log_due or checkpoint_due:
                     # The only host sync between logs. Every checkpoint follows this check
                     # of its own step, so a non-finite state never reaches disk.

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -315,3 +317,70 @@ def test_maybe_initialize_modes_in_a_single_process(monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
     with pytest.raises(ConfigError, match="trainer.distributed=auto"):
         distributed.maybe_initialize("auto")
+
+
+_PREEMPT_WORKER = textwrap.dedent(
+    """
+    import sys
+    from metalearn.distributed import maybe_initialize
+
+    maybe_initialize("auto")
+    from conftest import make_cfg
+    from metalearn.train import Preempted, train
+
+    cfg = make_cfg(
+        model={"hidden": [8, 8]},
+        trainer={"steps": 100000, "meta_batch_size": 8, "log_every": 5, "checkpoint_every": 0,
+                 "val_every": 0, "progress": False},
+    )
+    try:
+        train(cfg, sys.argv[1])
+    except Preempted as err:
+        print("PREEMPTED", str(err).split(":")[0], flush=True)
+        sys.exit(err.exit_code)
+    sys.exit(3)  # the 100000 steps are never meant to finish
+    """
+)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(tmp_path):
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    procs = []
+    for i in range(2):
+        env = _env(
+            2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)
+        )
+        with open(tmp_path / f"q{i}.log", "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _PREEMPT_WORKER, str(run_dir)],
+                    env=env,
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + _TIMEOUT
+    try:
+        # Signal only process 1, once training is under way (its handler is installed).
+        while not (
+            metrics.is_file() and any(json.loads(x)["step"] >= 10 for x in metrics.read_text().splitlines())
+        ):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("processes did not stop:\n" + (tmp_path / "q0.log").read_text()[-2000:])
+    logs = [(tmp_path / f"q{i}.log").read_text() for i in range(2)]
+    assert codes == [143, 143], logs
+    stops = [next(line for line in log.splitlines() if line.startswith("PREEMPTED")) for log in logs]
+    assert stops[0] == stops[1], stops  # e.g. "PREEMPTED SIGTERM at step 15", in both
+    step = int(stops[0].rsplit(" ", 1)[1])
+    assert step % 5 == 0  # acted on at a log step, where the processes agree
+    assert sorted(os.listdir(run_dir / "checkpoints")) == [str(step)]
