@@ -95,7 +95,8 @@ def uniform_indices(
 
     ``n_way`` distinct classes in random order (so the class -> label map is a fresh
     permutation per task) and, per class, ``n_per_class`` distinct images.
-    Returns classes (n_way, 1) and picks (n_way, n_per_class): ``images[classes, picks]``.
+    Returns the index tuple (classes (n_way, 1), picks (n_way, n_per_class)), so that
+    ``images[index]`` is the episode, like the flat indices of :func:`ragged_indices`.
     """
     kc, ki = jax.random.split(key)
     classes = jax.random.choice(kc, n_classes, (n_way,), replace=False)
@@ -225,8 +226,12 @@ class HostSampler:
         return jax.device_get(self.index_fns[split](jax.device_put(keys, cpu)))
 
     def gather(self, split: str, idx: Any) -> np.ndarray:
-        images = self.arrays[split]["images"]
-        return images[idx[0], idx[1]] if isinstance(idx, tuple) else images[idx]
+        return self.arrays[split]["images"][idx]
+
+    def batch_shape(self, split: str, idx: Any) -> tuple[int, ...]:
+        """Shape of ``gather(split, idx)``, without gathering."""
+        index_shape = np.broadcast_shapes(*(np.shape(a) for a in jax.tree.leaves(idx)))
+        return tuple(index_shape) + self.arrays[split]["images"].shape[-3:]
 
 
 def _split_layout(split: str, arr: Any, n_way: int, n_per_class: int) -> tuple[dict[str, np.ndarray], int]:
@@ -302,8 +307,7 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
 
     def sample(data: Any, key: jax.Array) -> Task:
         idx = _episode_indices(data, key, n_way, n_per_class)
-        x = data["images"][idx] if not isinstance(idx, tuple) else data["images"][idx[0], idx[1]]
-        return episode_from_images(x, k_shot)
+        return episode_from_images(data["images"][idx], k_shot)
 
     if where == "device":
         splits = {name: jax.tree.map(jnp.asarray, layout) for name, layout in layouts.items()}

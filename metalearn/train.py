@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import threading
@@ -226,8 +227,6 @@ class HostPrefetcher:
         stop: int,
         depth: int = 2,
     ):
-        import queue
-
         self._source, self._host = source, source.host
         self._base_key = jax.device_get(base_key)
         self._batch, self._start, self._stop = meta_batch_size, start, stop
@@ -241,8 +240,7 @@ class HostPrefetcher:
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             keys = step_task_keys(self._base_key, step, self._batch)
         idx = self._host.indices("train", keys)
-        first = jax.tree.map(lambda a: a[:1], idx)
-        shape = (self._batch,) + self._host.gather("train", first).shape[1:]
+        shape = self._host.batch_shape("train", idx)
 
         def shard(index: tuple[slice, ...]) -> np.ndarray:
             return self._host.gather("train", jax.tree.map(lambda a: a[index[0]], idx))
@@ -259,7 +257,7 @@ class HostPrefetcher:
                     try:
                         self._queue.put(item, timeout=0.1)
                         break
-                    except Exception:  # queue.Full
+                    except queue.Full:
                         continue
         except BaseException as err:  # surfaced to the training loop by __next__
             self._queue.put(err)

@@ -160,7 +160,7 @@ def bench_one(
         "meta_batch": batch,
         "remat": remat,
         "compute_dtype": compute_dtype,
-        "placement": source.placement if shape is not None else "device",
+        "placement": source.placement,
         "steps_per_s": n / elapsed,
         "tasks_per_s": n * batch / elapsed,
         "compile_s": compile_s,

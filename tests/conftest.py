@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -104,3 +107,21 @@ def scaled_mini_imagenet(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(mi, "IMAGES_PER_CLASS", 20)
     root = tmp_path_factory.mktemp("mini_imagenet")
     return write_mini_imagenet_pickles(root / "manual", split, 20), root / "data"
+
+
+def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> subprocess.CompletedProcess:
+    """``metalearn <args>`` in a subprocess on the CPU. ``check``: fail the test (with the
+    output) on a non-zero exit. ``prelude``: Python run in that process first (e.g. to scale
+    a loader's constants)."""
+    if prelude:
+        run_main = (
+            f"import sys\nfrom metalearn.cli import main\nsys.argv = ['metalearn', *{list(args)!r}]\nmain()"
+        )
+        command = [sys.executable, "-c", f"{prelude}\n{run_main}"]
+    else:
+        command = [sys.executable, "-m", "metalearn.cli", *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc

@@ -4,16 +4,13 @@ config checks and an end-to-end `metalearn train algo=adml` -> `metalearn eval a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from conftest import make_cfg, synthetic_image_arrays
+from conftest import make_cfg, run_cli, synthetic_image_arrays
 
 from metalearn.algos import Problem, make_algorithm
 from metalearn.config import validate
@@ -196,21 +193,9 @@ def test_algo_attack_keys_are_range_checked(key, value):
 # ---- end to end through the CLI ---------------------------------------------------------
 
 
-def _cli(*args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "metalearn.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_cli_eval_with_fgsm_reports_clean_and_robust(tmp_path):
     run = tmp_path / "run"
-    train = _cli(
+    train = run_cli(
         "train",
         "algo=adml",
         "trainer.steps=50",
@@ -223,6 +208,7 @@ def test_cli_eval_with_fgsm_reports_clean_and_robust(tmp_path):
         "eval.batch_size=40",
         f"hydra.run.dir={run}",
         cwd=tmp_path,
+        check=False,
     )
     assert train.returncode == 0, train.stderr[-2000:]
     trained = json.loads((run / "results.json").read_text())
@@ -235,7 +221,15 @@ def test_cli_eval_with_fgsm_reports_clean_and_robust(tmp_path):
     stored_path.write_text(yaml.safe_dump(stored))
 
     out = tmp_path / "eval"
-    ev = _cli("eval", f"run_dir={run}", "attack=fgsm", "attack.eps=0.1", f"hydra.run.dir={out}", cwd=tmp_path)
+    ev = run_cli(
+        "eval",
+        f"run_dir={run}",
+        "attack=fgsm",
+        "attack.eps=0.1",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert ev.returncode == 0, ev.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["attack"] == {"name": "fgsm", "eps": 0.1}
@@ -248,5 +242,7 @@ def test_cli_eval_with_fgsm_reports_clean_and_robust(tmp_path):
     assert "under fgsm eps=0.1" in ev.stdout
 
     # Other config groups still cannot change in eval.
-    bad = _cli("eval", f"run_dir={run}", "algo=maml", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+    bad = run_cli(
+        "eval", f"run_dir={run}", "algo=maml", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path, check=False
+    )
     assert bad.returncode == 2 and "cannot change config group 'algo'" in bad.stderr

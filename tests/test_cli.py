@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_OMNIGLOT
+from conftest import SHARED_OMNIGLOT, run_cli
 
 TINY = [
     "trainer.steps=30",
@@ -20,21 +17,6 @@ TINY = [
     "trainer.progress=false",
     "eval.n_tasks=20",
 ]
-
-
-def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "metalearn.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
 
 
 def _train_records(run_dir: Path) -> list[dict]:

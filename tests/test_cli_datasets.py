@@ -4,14 +4,11 @@ eval), mini-ImageNet from synthetic files in the real format, and the one-line e
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import scaled_mini_imagenet_split, write_mini_imagenet_pickles
+from conftest import run_cli, scaled_mini_imagenet_split, write_mini_imagenet_pickles
 from PIL import Image
 
 TINY = [
@@ -28,20 +25,6 @@ TINY = [
     "algo.inner_steps=1",
     "algo.inner_steps_test=2",
 ]
-
-
-def run(args: list[str], cwd: Path, prelude: str = "", check: bool = True) -> subprocess.CompletedProcess:
-    """``metalearn <args>`` in a subprocess; ``prelude`` is Python run first in that process."""
-    code = (
-        f"{prelude}\nimport sys\nfrom metalearn.cli import main\nsys.argv = ['metalearn', *{args!r}]\nmain()"
-    )
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
 
 
 def make_image_folder(root: Path, classes: int = 32, seed: int = 0) -> Path:
@@ -63,22 +46,20 @@ def test_image_folder_train_then_eval(tmp_path):
     images = make_image_folder(tmp_path / "my_images")
     run_dir = tmp_path / "run"
     common = [f"dataset.data_dir={tmp_path / 'data'}", "dataset.image_size=16", "dataset.k_query=3"]
-    proc = run(
-        [
-            "train",
-            "dataset=image_folder",
-            f"dataset.path={images}",
-            *common,
-            *TINY,
-            f"hydra.run.dir={run_dir}",
-        ],
+    proc = run_cli(
+        "train",
+        "dataset=image_folder",
+        f"dataset.path={images}",
+        *common,
+        *TINY,
+        f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
     assert "episodes sampled on device" in proc.stdout
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset"] == "image_folder" and results["test"]["n_tasks"] == 6
     assert 0.0 <= results["test"]["mean"] <= 1.0
-    proc = run(["eval", f"run_dir={run_dir}", "algo.inner_steps_test=2"], cwd=tmp_path)
+    proc = run_cli("eval", f"run_dir={run_dir}", "algo.inner_steps_test=2", cwd=tmp_path)
     evaluated = json.loads(next((run_dir / "eval").glob("*/results.json")).read_text())
     # The same tasks and test steps: eval reproduces the training run's final test.
     assert evaluated["test"]["mean"] == pytest.approx(results["test"]["mean"], abs=1e-6)
@@ -90,9 +71,14 @@ def test_image_folder_host_placement_matches_device(tmp_path):
     for placement in ("device", "host"):
         run_dir = tmp_path / placement
         common = [f"dataset.data_dir={tmp_path / 'data'}", "dataset.image_size=16", "dataset.k_query=3"]
-        proc = run(
-            ["train", "dataset=image_folder", f"dataset.path={images}", f"dataset.placement={placement}"]
-            + [*common, *TINY, f"hydra.run.dir={run_dir}"],
+        proc = run_cli(
+            "train",
+            "dataset=image_folder",
+            f"dataset.path={images}",
+            f"dataset.placement={placement}",
+            *common,
+            *TINY,
+            f"hydra.run.dir={run_dir}",
             cwd=tmp_path,
         )
         assert f"episodes sampled on {'device' if placement == 'device' else 'the host'}" in proc.stdout
@@ -118,7 +104,7 @@ def test_mini_imagenet_from_synthetic_files(tmp_path):
         f"dataset.manual_dir={manual}",
         f"dataset.data_dir={tmp_path / 'd'}",
     ]
-    run([*args, *TINY, "dataset.k_query=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path, prelude=prelude)
+    run_cli(*args, *TINY, "dataset.k_query=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, prelude=prelude)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["dataset"] == "mini_imagenet" and results["steps"] == 6
 
@@ -126,14 +112,12 @@ def test_mini_imagenet_from_synthetic_files(tmp_path):
 def test_mini_imagenet_missing_files_is_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run(
-        [
-            "train",
-            "dataset=mini_imagenet",
-            f"dataset.manual_dir={empty}",
-            f"dataset.data_dir={tmp_path / 'd'}",
-        ]
-        + [f"hydra.run.dir={tmp_path / 'run'}"],
+    proc = run_cli(
+        "train",
+        "dataset=mini_imagenet",
+        f"dataset.manual_dir={empty}",
+        f"dataset.data_dir={tmp_path / 'd'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
         check=False,
     )

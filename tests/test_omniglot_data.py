@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -29,17 +28,7 @@ SYNTH_LAYOUT = {
 SYNTH_UNIQUE = 4 + 3 + 5
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection attempt fails at once, so a download attempt cannot hang a test."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.delenv("HTTPS_PROXY", raising=False)
-    monkeypatch.delenv("https_proxy", raising=False)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def drawing_png(key: str, drawer: int) -> bytes:

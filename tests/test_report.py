@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from test_cli import run_cli
+from conftest import REPO, run_cli
 
 from metalearn.report import _pooled, aggregate, config_label, find_runs, sort_rows, write_report
 from metalearn.reproduce import SUITES, plan

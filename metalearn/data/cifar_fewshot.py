@@ -77,6 +77,7 @@ from metalearn.data.common import (
     network_unavailable_reason,
     resolve_data_dir,
     sha256_of,
+    url_infos,
 )
 from metalearn.errors import DataError
 
@@ -466,11 +467,7 @@ class MetalearnCifar100(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def url_infos(cls) -> dict[str, tfds.download.checksums.UrlInfo]:
-        # Registered in code: TFDS validates every download (size + sha256) against these.
-        return {
-            a.url: tfds.download.checksums.UrlInfo(size=a.size, checksum=a.sha256, filename=a.name)
-            for a in ARCHIVES.values()
-        }
+        return url_infos(ARCHIVES.values())
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -41,6 +41,7 @@ from metalearn.data.common import (
     default_manual_dir,  # noqa: F401 (re-exported)
     network_unavailable_reason,
     sha256_of,
+    url_infos,
 )
 from metalearn.errors import ConfigError, DataError
 
@@ -257,12 +258,7 @@ class MetalearnOmniglot(tfds.core.GeneratorBasedBuilder):
     @tfds.core.utils.classproperty
     @classmethod
     def url_infos(cls) -> dict[str, tfds.download.checksums.UrlInfo]:
-        # Registered in code rather than a checksums.tsv beside the module: TFDS validates
-        # every download (size + sha256) against these.
-        return {
-            a.url: tfds.download.checksums.UrlInfo(size=a.size, checksum=a.sha256, filename=a.name)
-            for a in ARCHIVES.values()
-        }
+        return url_infos(ARCHIVES.values())
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo directly: `dataset_info_from_configs` wants metadata files in a
