@@ -227,7 +227,7 @@ class HostPrefetcher:
         stop: int,
         depth: int = 2,
     ):
-        self._source, self._host = source, source.host
+        self._host = source.host
         self._base_key = jax.device_get(base_key)
         self._batch, self._start, self._stop = meta_batch_size, start, stop
         self._sharding = NamedSharding(mesh, P(TASK_AXIS))
