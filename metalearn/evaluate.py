@@ -23,7 +23,13 @@ def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
     exp = setup(cfg)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
     final = evaluate_final(
-        exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
+        exp,
+        state.params,
+        cfg,
+        cfg.eval.split,
+        cfg.eval.n_tasks,
+        cfg.algo.inner_steps_test,
+        state.algo_state,
     )
     results = {
         **final,

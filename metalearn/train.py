@@ -44,14 +44,16 @@ class TrainingError(MetalearnError):
 
 class TrainState(NamedTuple):
     """Everything needed to continue training: step (int32 scalar), meta-parameters,
-    optimizer state, the base PRNG key from which step ``s`` derives fold_in(key, s), and
-    the number of meta-steps whose update was skipped as non-finite (trainer.on_nan=skip)."""
+    optimizer state, the base PRNG key from which step ``s`` derives fold_in(key, s), the
+    number of meta-steps whose update was skipped as non-finite (trainer.on_nan=skip), and
+    the algorithm's carried state (``MetaLearner.init_state``; ``()`` for most algorithms)."""
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     key: jax.Array
     skipped: jax.Array
+    algo_state: PyTree = ()
 
 
 class Experiment(NamedTuple):
@@ -115,6 +117,7 @@ def init_state(exp: Experiment, seed: int, mesh: Mesh | None = None) -> TrainSta
         opt_state=exp.optimizer.init(params),
         key=stream_key(seed, _TRAIN_STREAM),
         skipped=jnp.zeros((), jnp.int32),
+        algo_state=exp.algo.initial_state(params),
     )
     return replicate(state, task_mesh() if mesh is None else mesh)
 
@@ -174,7 +177,9 @@ def make_meta_step(
             tasks = sample_tasks(exp, data, task_key, meta_batch_size, mesh)
         else:
             tasks = lax.with_sharding_constraint(host.to_tasks(data), NamedSharding(mesh, P(TASK_AXIS)))
-        grads, metrics = exp.algo.meta_grad(state.params, tasks, algo_key)
+        grads, algo_state, metrics = exp.algo.step_grad(
+            state.params, state.algo_state, tasks, algo_key, state.step
+        )
         updates, opt_state = exp.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -186,8 +191,9 @@ def make_meta_step(
             keep = lambda new, old: jnp.where(ok, new, old)
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            algo_state = jax.tree.map(keep, algo_state, state.algo_state)
             skipped = skipped + (~ok).astype(skipped.dtype)
-        return TrainState(state.step + 1, params, opt_state, state.key, skipped), metrics
+        return TrainState(state.step + 1, params, opt_state, state.key, skipped, algo_state), metrics
 
     # Fixed shardings (one sharding is a prefix for a whole pytree): the output state has
     # exactly the input's layout, so donation reuses its buffers and the next call hits the
@@ -283,7 +289,10 @@ def make_evaluator(
     attack: Attack | None = None,
     split: str = "test",
 ):
-    """Compile ``(params, data, key) -> per-task metric (n_tasks,)``.
+    """Compile ``(params, data, key, algo_state=()) -> per-task metric (n_tasks,)``.
+
+    ``algo_state`` is the algorithm's carried state (TrainState.algo_state); every task
+    adapts from it, and it is not changed.
 
     Task i is drawn from fold_in(key, i), so the tasks do not depend on ``batch_size``;
     ``batch_size`` tasks are adapted in parallel (vmap), chunks run under ``lax.map``.
@@ -299,9 +308,9 @@ def make_evaluator(
     n_chunks = math.ceil(n_tasks / batch_size)
     algo, source = exp.algo, exp.source
 
-    def score(params: PyTree, task: Any, key: jax.Array) -> PyTree:
+    def score(params: PyTree, algo_state: PyTree, task: Any, key: jax.Array) -> PyTree:
         _, adapt_key = jax.random.split(key)
-        adapted = algo.adapt(params, task.support_x, task.support_y, adapt_key, inner_steps)
+        adapted = algo.adapt_with(params, algo_state, task.support_x, task.support_y, adapt_key, inner_steps)
         clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
         if attack is None:
             return clean
@@ -316,10 +325,12 @@ def make_evaluator(
     if source.host is not None:
         host = source.host
         score_chunk = jax.jit(
-            lambda params, x, keys: jax.vmap(score, (None, 0, 0))(params, host.to_tasks(x), keys)
+            lambda params, algo_state, x, keys: jax.vmap(score, (None, None, 0, 0))(
+                params, algo_state, host.to_tasks(x), keys
+            )
         )
 
-        def evaluate_on_host(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+        def evaluate_on_host(params: PyTree, data: PyTree, key: jax.Array, algo_state: PyTree = ()) -> PyTree:
             del data
             with jax.default_device(jax.local_devices(backend="cpu")[0]):
                 keys = task_keys(key)
@@ -328,20 +339,22 @@ def make_evaluator(
             for c in range(n_chunks):
                 part = slice(c * batch_size, (c + 1) * batch_size)
                 x = host.gather(split, host.indices(split, sample_keys[part]))
-                chunks.append(score_chunk(params, x, keys[part]))
+                chunks.append(score_chunk(params, algo_state, x, keys[part]))
             values = jax.tree.map(lambda *v: jnp.concatenate(v), *chunks)
             return jax.tree.map(lambda v: v[:n_tasks], values)
 
         return evaluate_on_host
 
-    def task_metric(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+    def task_metric(params: PyTree, algo_state: PyTree, data: PyTree, key: jax.Array) -> PyTree:
         task_key, _ = jax.random.split(key)
-        return score(params, source.sample(data, task_key), key)
+        return score(params, algo_state, source.sample(data, task_key), key)
 
-    def evaluate(params: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+    def evaluate(params: PyTree, data: PyTree, key: jax.Array, algo_state: PyTree = ()) -> PyTree:
         keys = task_keys(key)
         keys = keys.reshape(n_chunks, batch_size, *keys.shape[1:])
-        values = lax.map(lambda ks: jax.vmap(task_metric, (None, None, 0))(params, data, ks), keys)
+        values = lax.map(
+            lambda ks: jax.vmap(task_metric, (None, None, None, 0))(params, algo_state, data, ks), keys
+        )
         return jax.tree.map(lambda v: v.reshape(-1)[:n_tasks], values)
 
     return jax.jit(evaluate)
@@ -353,17 +366,29 @@ def _split_data(exp: Experiment, split: str) -> PyTree:
 
 
 def evaluate_params(
-    exp: Experiment, params: PyTree, cfg: Any, split: str, n_tasks: int, inner_steps: int
+    exp: Experiment,
+    params: PyTree,
+    cfg: Any,
+    split: str,
+    n_tasks: int,
+    inner_steps: int,
+    algo_state: PyTree = (),
 ) -> dict[str, Any]:
     """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict."""
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
     fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split)
-    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream)))
+    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
     return summarize(values, exp.source.metric_name)
 
 
 def evaluate_final(
-    exp: Experiment, params: PyTree, cfg: Any, split: str, n_tasks: int, inner_steps: int
+    exp: Experiment,
+    params: PyTree,
+    cfg: Any,
+    split: str,
+    n_tasks: int,
+    inner_steps: int,
+    algo_state: PyTree = (),
 ) -> dict[str, Any]:
     """The final evaluation's results entries: ``test`` (clean summary) and, when
     ``cfg.attack`` names an attack, ``test_robust`` (same format, on attacked query sets of
@@ -371,10 +396,10 @@ def evaluate_final(
     attack_cfg = getattr(cfg, "attack", None)
     attack = attack_from_config(attack_cfg, exp.source.input_range)
     if attack is None:
-        return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps)}
+        return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps, algo_state)}
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
     fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack, split=split)
-    clean, robust = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream))
+    clean, robust = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state)
     settings = {"name": attack_cfg.name, "eps": attack_cfg.eps}
     if attack_cfg.name == "pgd":
         step_size = attack_cfg.step_size
@@ -609,7 +634,13 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                     )
                 if t.val_every and step % t.val_every == 0:
                     val = evaluate_params(
-                        exp, state.params, cfg, "validation", t.val_tasks, cfg.algo.inner_steps_test
+                        exp,
+                        state.params,
+                        cfg,
+                        "validation",
+                        t.val_tasks,
+                        cfg.algo.inner_steps_test,
+                        state.algo_state,
                     )
                     logger.log(
                         {
@@ -644,7 +675,13 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             batches.close()
 
     final = evaluate_final(
-        exp, state.params, cfg, cfg.eval.split, cfg.eval.n_tasks, cfg.algo.inner_steps_test
+        exp,
+        state.params,
+        cfg,
+        cfg.eval.split,
+        cfg.eval.n_tasks,
+        cfg.algo.inner_steps_test,
+        state.algo_state,
     )
     results = {
         **final,

@@ -33,6 +33,11 @@ class Problem(NamedTuple):
         return self.source.loss(self.model.apply(params, x), y)
 
 
+def _no_state(meta_params: PyTree) -> PyTree:
+    del meta_params
+    return ()
+
+
 class MetaLearner(NamedTuple):
     """A meta-learning algorithm as pure functions.
 
@@ -43,12 +48,55 @@ class MetaLearner(NamedTuple):
     adapt(meta_params, support_x, support_y, key, steps) -> adapted: the task-specific state
         after ``steps`` inner steps (``steps`` is a Python int).
     predict(meta_params, adapted, x) -> predictions for x: (N, *input).
+
+    Optional, for algorithms whose meta-step needs more than the meta-parameters:
+    init_state(meta_params) -> algo_state: state carried from meta-step to meta-step and
+        into evaluation, but not trained by the outer optimizer (Reptile's inner Adam
+        moments). It is checkpointed with the parameters. Default: ``()``.
+    meta_grad_stateful(meta_params, algo_state, tasks, key, step) -> (grads, algo_state,
+        metrics): used instead of ``meta_grad`` when given; ``step`` is the number of
+        meta-steps completed (int32 scalar, traced), for objectives that change during
+        training (MAML++'s loss weights and derivative order).
+    adapt_stateful(meta_params, algo_state, support_x, support_y, key, steps) -> adapted:
+        used instead of ``adapt`` when given.
+
+    The trainer, evaluator and ``predict`` call only :meth:`initial_state`,
+    :meth:`step_grad` and :meth:`adapt_with`, which fall back to the stateless functions.
     """
 
     init: Callable[[jax.Array], PyTree]
     meta_grad: Callable[[PyTree, Task, jax.Array], tuple[PyTree, Metrics]]
     adapt: Callable[[PyTree, jax.Array, jax.Array, jax.Array, int], PyTree]
     predict: Callable[[PyTree, PyTree, jax.Array], jax.Array]
+    init_state: Callable[[PyTree], PyTree] = _no_state
+    meta_grad_stateful: Callable[..., tuple[PyTree, PyTree, Metrics]] | None = None
+    adapt_stateful: Callable[..., PyTree] | None = None
+
+    def initial_state(self, meta_params: PyTree) -> PyTree:
+        return self.init_state(meta_params)
+
+    def step_grad(
+        self, meta_params: PyTree, algo_state: PyTree, tasks: Task, key: jax.Array, step: jax.Array
+    ) -> tuple[PyTree, PyTree, Metrics]:
+        """(grads, new algo_state, metrics) of the meta-step from ``step`` completed steps."""
+        if self.meta_grad_stateful is not None:
+            return self.meta_grad_stateful(meta_params, algo_state, tasks, key, step)
+        grads, metrics = self.meta_grad(meta_params, tasks, key)
+        return grads, algo_state, metrics
+
+    def adapt_with(
+        self,
+        meta_params: PyTree,
+        algo_state: PyTree,
+        support_x: jax.Array,
+        support_y: jax.Array,
+        key: jax.Array,
+        steps: int,
+    ) -> PyTree:
+        """Adapt to one task, from the carried ``algo_state`` where the algorithm has one."""
+        if self.adapt_stateful is not None:
+            return self.adapt_stateful(meta_params, algo_state, support_x, support_y, key, steps)
+        return self.adapt(meta_params, support_x, support_y, key, steps)
 
 
 def inner_sgd(
