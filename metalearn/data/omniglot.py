@@ -31,22 +31,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from metalearn.data.common import (
     DATA_DIR_ENV,  # noqa: F401 (re-exported)
-    SPLITS,
-    check_class_arrays,
+    SPLITS,  # noqa: F401 (re-exported)
     default_data_dir,
-    default_manual_dir,
-    load_npz,
-    save_npz_atomic,
 )
 from metalearn.data.omniglot_tfds import (
     DRAWINGS_PER_CHARACTER,
@@ -56,6 +52,15 @@ from metalearn.data.omniglot_tfds import (
     check_variant,
     locate_archives,
     omniglot_manual_instructions,
+)
+from metalearn.data.pipeline import (
+    DatasetSpec,
+    Paths,
+    class_array_problem,
+    load,
+    prepare_tfds,
+    read_split,
+    text,
 )
 from metalearn.errors import ConfigError, DataError
 
@@ -80,6 +85,7 @@ SPLIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 # Bump whenever the content of the cached arrays changes (preprocessing, split rule).
 CACHE_FORMAT_VERSION = 1
+CACHE_DIRNAME = "metalearn_omniglot_cache"
 
 
 def cache_path(
@@ -89,7 +95,7 @@ def cache_path(
     name = (
         f"omniglot_{variant}_{image_size}px_rot{int(rotations)}_seed{split_seed}_v{CACHE_FORMAT_VERSION}.npz"
     )
-    return Path(data_dir).expanduser() / "metalearn_omniglot_cache" / name
+    return Path(data_dir).expanduser() / CACHE_DIRNAME / name
 
 
 def split_sizes(variant: str, num_characters: int) -> tuple[int, int, int]:
@@ -146,30 +152,24 @@ def _read_tfds(
     download: bool,
     checksums: Mapping[str, str] | None,
 ) -> tuple[list[str], np.ndarray]:
-    """Build the TFDS dataset if needed and read it back.
+    """Build the TFDS dataset if needed (once, under a lock) and read it back.
 
     Returns sorted character keys and their drawings, (num_characters, 20, 105, 105) uint8
     as stored (strokes 0), drawings ordered by drawer.
     """
     common = dict(config=variant, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder = MetalearnOmniglot(**common)
-    if not builder.is_prepared():
+    builder = prepare_tfds(
+        lambda **kw: MetalearnOmniglot(**common, **kw),
+        f"metalearn_omniglot/{variant}",
         # Archives are located and checksummed (or the network probed) before TFDS starts,
         # so that a missing or wrong file fails in seconds with a one-line message.
-        archives = locate_archives(variant, manual_dir, download=download, checksums=checksums)
-        builder = MetalearnOmniglot(archives=archives, **common)
-        started = time.perf_counter()
-        # try_download_gcs=False: otherwise TFDS asks Google Cloud Storage for a prebuilt copy.
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        log.info("built TFDS metalearn_omniglot/%s in %.1f s", variant, time.perf_counter() - started)
-
-    source = builder.as_data_source(split="train")
-    records = source.__getitems__(range(len(source)))  # random access, no TensorFlow
+        locate=lambda: {
+            "archives": locate_archives(variant, manual_dir, download=download, checksums=checksums)
+        },
+    )
     by_key: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for rec in records:
-        key = rec["character"]
-        key = key.decode() if isinstance(key, bytes) else key  # data sources return bytes
-        by_key.setdefault(key, []).append((int(rec["drawer"]), rec["image"][:, :, 0]))
+    for rec in read_split(builder, "train"):
+        by_key.setdefault(text(rec["character"]), []).append((int(rec["drawer"]), rec["image"][:, :, 0]))
     keys = sorted(by_key)
     for key in keys:
         if len(by_key[key]) != DRAWINGS_PER_CHARACTER:
@@ -179,6 +179,47 @@ def _read_tfds(
             )
     images = np.stack([np.stack([img for _, img in sorted(by_key[k], key=lambda d: d[0])]) for k in keys])
     return keys, images
+
+
+def _locate(cfg: Any, paths: Paths) -> None:
+    check_variant(cfg.variant)
+    size = cfg.image_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"dataset.image_size must be a positive integer, got {size!r}")
+
+
+def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:
+    size = int(cfg.image_size)
+    problem = class_array_problem(arrays, (size, size, 1))
+    if problem is None and any(a.shape[1] != DRAWINGS_PER_CHARACTER for a in arrays.values()):
+        problem = f"does not hold {DRAWINGS_PER_CHARACTER} drawings per class"
+    return problem
+
+
+def _build(cfg: Any, paths: Paths, found: None) -> dict[str, np.ndarray]:
+    size = int(cfg.image_size)
+    keys, images = _read_tfds(cfg.variant, paths.manual, paths.data_root, cfg.download, cfg.checksums)
+    index = {key: i for i, key in enumerate(keys)}
+    flat = _to_model_pixels(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), size)
+    classes = flat.reshape(len(keys), DRAWINGS_PER_CHARACTER, size, size, 1)
+    arrays = {}
+    for split, split_keys in split_characters(keys, cfg.variant, cfg.split_seed).items():
+        arr = classes[[index[k] for k in split_keys]]
+        arrays[split] = _with_rotations(arr) if cfg.rotations else arr
+    return arrays
+
+
+SPEC = DatasetSpec(
+    name="omniglot",
+    what="Omniglot",
+    cache_dir=CACHE_DIRNAME,
+    cache_name=lambda cfg, found: (
+        cache_path(".", cfg.variant, int(cfg.image_size), cfg.rotations, cfg.split_seed).name
+    ),
+    build=_build,
+    locate=_locate,
+    check=_check,
+)
 
 
 def load_omniglot(
@@ -204,32 +245,21 @@ def load_omniglot(
     values, only for tests or custom archives (use a separate ``data_dir`` for those: the
     TFDS build and the cache do not record which archives they came from).
     """
-    check_variant(variant)
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise ConfigError(f"dataset.image_size must be a positive integer, got {image_size!r}")
-    image_size = int(image_size)
-    data_root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(data_root)
+    settings = SimpleNamespace(
+        variant=variant,
+        manual_dir=manual_dir,
+        data_dir=data_dir,
+        image_size=image_size,
+        rotations=rotations,
+        split_seed=split_seed,
+        download=download,
+        checksums=checksums,
+    )
+    return load(SPEC, settings)
 
-    path = cache_path(data_root, variant, image_size, rotations, split_seed)
-    cached = load_npz(path, SPLITS, "Omniglot")
-    shape = (DRAWINGS_PER_CHARACTER, image_size, image_size, 1)
-    if (
-        cached is not None
-        and check_class_arrays(cached, shape[1:], "Omniglot", path)
-        and all(a.shape[1] == DRAWINGS_PER_CHARACTER for a in cached.values())
-    ):
-        return cached
 
-    keys, images = _read_tfds(variant, manual, data_root, download, checksums)
-    index = {key: i for i, key in enumerate(keys)}
-    flat = _to_model_pixels(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), image_size)
-    classes = flat.reshape(len(keys), DRAWINGS_PER_CHARACTER, image_size, image_size, 1)
-
-    arrays = {}
-    for split, split_keys in split_characters(keys, variant, split_seed).items():
-        arr = classes[[index[k] for k in split_keys]]
-        arrays[split] = _with_rotations(arr) if rotations else arr
-    save_npz_atomic(path, arrays)
-    log.info("Omniglot %s: %s classes; cache %s", variant, {s: len(a) for s, a in arrays.items()}, path)
-    return arrays
+def load_config(cfg: Any) -> dict[str, np.ndarray]:
+    """The arrays for a DatasetConfig with ``name=omniglot``."""
+    return load_omniglot(
+        cfg.variant, cfg.manual_dir, cfg.data_dir, cfg.image_size, cfg.rotations, cfg.split_seed, cfg.download
+    )

@@ -1,0 +1,293 @@
+"""The one pipeline every image dataset goes through.
+
+A dataset is a small module that declares a :class:`DatasetSpec`: which settings it checks and
+where its files are (:attr:`DatasetSpec.locate`), the name of its class-array cache
+(:attr:`~DatasetSpec.cache_name`), how to build the class arrays from its files
+(:attr:`~DatasetSpec.build`, usually through :func:`prepare_tfds` and :func:`read_split`),
+what makes a cached copy unusable (:attr:`~DatasetSpec.check`) and how the cached arrays become
+the per-split input of the episode sampler (:attr:`~DatasetSpec.to_splits`). Everything else
+is done here, once:
+
+1. resolve ``data_dir`` (argument, else ``$METALEARN_DATA_DIR``, else ``~/tensorflow_datasets``)
+   and ``manual_dir`` (default ``<data_dir>/downloads/manual``);
+2. locate the files (the spec's checks: checksums, structure);
+3. load ``<data_dir>/<cache_dir>/<cache_name>.npz`` if it is there and passes the check;
+4. otherwise, holding an inter-process lock on that cache file, look again (another process
+   may have just written it), else build and write it atomically;
+5. log one description line (classes and images per split, image shape, cache file).
+
+Placement on device or host is :func:`metalearn.tasks.image_source`'s job, for every dataset.
+
+Concurrency: a TFDS build (:func:`prepare_tfds`) and each cache write hold an exclusive
+``fcntl.flock`` on a lock file next to what they write (``.<name>.lock``), so N jobs started
+together on an empty data dir all succeed: one builds, the others wait (printing a line that
+says for what and for whom) and then reuse its result. A lock held by a process that dies is
+released by the kernel; the next holder sees the dead process's pid in the lock file, says so,
+and removes the half-written TFDS ``incomplete.*`` folders that process left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from metalearn.data.common import (
+    SPLITS,
+    ClassImages,
+    default_manual_dir,
+    load_npz,
+    resolve_data_dir,
+    save_npz_atomic,
+    tfds_in_memory_shuffle,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- locking
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def file_lock(target: str | os.PathLike, what: str) -> Iterator[bool]:
+    """Hold an exclusive inter-process lock for building ``target`` (a folder or file).
+
+    The lock file is ``.<target name>.lock`` beside ``target``. If another process holds it,
+    print ``metalearn: waiting for another process (pid N) building <what> ...`` and block
+    until it is released. Yields True when the previous holder died without finishing (its
+    pid is still in the lock file), so that the caller can clean up after it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            print(
+                f"metalearn: waiting for another process (pid {holder}) building {what} ({target})",
+                flush=True,
+            )
+            started = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log.info("%s: lock released after %.1f s", what, time.perf_counter() - started)
+        f.seek(0)
+        previous = f.read().strip()
+        interrupted = previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous))
+        if interrupted:
+            print(
+                f"metalearn: a build of {what} by pid {previous} was interrupted; taking over its lock",
+                flush=True,
+            )
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield interrupted
+        finally:
+            f.seek(0)
+            f.truncate()  # a finished build leaves an empty lock file
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def remove_incomplete_builds(folder: Path) -> None:
+    """Remove TFDS ``incomplete.*`` folders in ``folder``: called only while holding the build
+    lock, when they can only be left over from a process killed mid-build."""
+    if not folder.is_dir():
+        return
+    for leftover in sorted(folder.glob("incomplete.*")):
+        print(f"metalearn: removing {leftover}, left by an interrupted TFDS build", flush=True)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _is_prepared(builder) -> bool:
+    return (Path(builder.data_dir) / "dataset_info.json").is_file() and builder.is_prepared()
+
+
+def prepare_tfds(
+    make_builder: Callable[..., Any],
+    what: str,
+    *,
+    locate: Callable[[], Mapping[str, Any]] | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    in_memory_shuffle: bool = False,
+    prepared: Callable[[], bool] | None = None,
+):
+    """A prepared TFDS builder: ``make_builder()`` if its dataset is already built, else built
+    once under :func:`file_lock` (next to the dataset's version folder).
+
+    ``locate()`` (called only when a build is needed) returns extra keyword arguments for
+    ``make_builder`` (e.g. verified archive paths), so missing or corrupt files fail in
+    seconds, before TFDS starts. ``prepared()``: a cheap check that avoids constructing a
+    builder for a folder that does not exist (TFDS warns about that).
+    """
+    import tensorflow_datasets as tfds
+
+    if prepared is not None and prepared():
+        return make_builder()
+    builder = make_builder()
+    if _is_prepared(builder):
+        return builder
+    version_dir = Path(builder.data_dir)
+    with file_lock(version_dir, f"TFDS {what}"):
+        builder = make_builder()
+        if _is_prepared(builder):  # built by another process while this one waited
+            return builder
+        remove_incomplete_builds(version_dir.parent)
+        builder = make_builder(**(locate() if locate is not None else {}))
+        started = time.perf_counter()
+        config = tfds.download.DownloadConfig(
+            # try_download_gcs=False: otherwise TFDS asks Google Cloud Storage for a prebuilt copy.
+            try_download_gcs=False,
+            manual_dir=os.fspath(manual_dir) if manual_dir is not None else None,
+        )
+        with tfds_in_memory_shuffle() if in_memory_shuffle else contextlib.nullcontext():
+            builder.download_and_prepare(download_config=config)
+        log.info("built TFDS %s in %.1f s (%s)", what, time.perf_counter() - started, builder.data_dir)
+    return builder
+
+
+def read_split(builder, split: str) -> list[dict[str, Any]]:
+    """Every record of ``split``, decoded to numpy, through an array_record data source
+    (random access, no TensorFlow)."""
+    source = builder.as_data_source(split=split)
+    return list(source.__getitems__(range(len(source))))
+
+
+def text(value: Any) -> str:
+    """A Text feature as str (data sources return bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class Paths(NamedTuple):
+    """Where a dataset's files go: ``data_root`` (builds, caches) and ``manual`` (files placed
+    by hand)."""
+
+    data_root: Path
+    manual: Path
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset module declares; :func:`load` does the rest (see the module docstring).
+
+    Callables take the settings ``cfg`` (a DatasetConfig or any object with the same
+    attributes), the :class:`Paths`, and what ``locate`` returned (``found``).
+    """
+
+    name: str  # dataset.name
+    what: str  # the dataset's name in messages
+    cache_dir: str  # folder under data_dir holding the npz caches
+    cache_name: Callable[[Any, Any], str]  # (cfg, found) -> npz file name
+    build: Callable[[Any, Paths, Any], dict[str, np.ndarray]]  # (cfg, paths, found) -> arrays
+    # (cfg, paths) -> anything build and cache_name need; raises ConfigError / DataError early.
+    locate: Callable[[Any, Paths], Any] = lambda cfg, paths: None
+    # (cfg, cached arrays) -> why they cannot be used ("" / None: they can).
+    check: Callable[[Any, dict[str, np.ndarray]], str | None] = lambda cfg, arrays: None
+    # The npz keys (default: one class-indexed array per split).
+    keys: Callable[[Any], tuple[str, ...]] = lambda cfg: SPLITS
+    # Cached arrays -> {split: class-indexed array or ClassImages} for the sampler.
+    to_splits: Callable[[dict[str, np.ndarray]], dict[str, Any]] = field(default=lambda arrays: arrays)
+
+
+def paths_of(cfg: Any) -> Paths:
+    data_root = resolve_data_dir(getattr(cfg, "data_dir", None))
+    manual_dir = getattr(cfg, "manual_dir", None)
+    manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(data_root)
+    return Paths(data_root, manual)
+
+
+def class_array_problem(arrays: Mapping[str, np.ndarray], image_shape: tuple[int, ...]) -> str | None:
+    """Why ``arrays`` are not uint8 ``(classes, per_class, *image_shape)`` arrays, or None."""
+    for split, arr in arrays.items():
+        if arr.dtype != np.uint8 or arr.ndim != 5 or arr.shape[2:] != tuple(image_shape):
+            return f"has a bad {split} array {arr.dtype} {arr.shape}"
+    return None
+
+
+def load_arrays(spec: DatasetSpec, cfg: Any) -> tuple[dict[str, np.ndarray], Path]:
+    """The cached arrays of ``spec`` for settings ``cfg`` (built and cached if needed), and
+    the cache file."""
+    paths = paths_of(cfg)
+    found = spec.locate(cfg, paths)
+    path = paths.data_root / spec.cache_dir / spec.cache_name(cfg, found)
+    keys = spec.keys(cfg)
+
+    def usable() -> dict[str, np.ndarray] | None:
+        arrays = load_npz(path, keys, spec.what)
+        if arrays is None:
+            return None
+        problem = spec.check(cfg, arrays)
+        if problem:
+            log.warning("%s cache %s %s; rebuilding it", spec.what, path, problem)
+            return None
+        return arrays
+
+    arrays = usable()
+    if arrays is not None:
+        return arrays, path
+    with file_lock(path, f"the {spec.what} cache"):
+        arrays = usable()  # written by another process while this one waited
+        if arrays is None:
+            started = time.perf_counter()
+            arrays = spec.build(cfg, paths, found)
+            save_npz_atomic(path, arrays)
+            log.info("%s: built %s in %.1f s", spec.what, path, time.perf_counter() - started)
+    return arrays, path
+
+
+def load(spec: DatasetSpec, cfg: Any) -> dict[str, Any]:
+    """``{split: class-indexed uint8 array or ClassImages}`` of ``spec`` for settings ``cfg``,
+    with the description line logged."""
+    arrays, path = load_arrays(spec, cfg)
+    splits = spec.to_splits(arrays)
+    log.info("%s: %s; cache %s", spec.what, describe(splits), path)
+    return splits
+
+
+def describe(arrays: Mapping[str, ClassImages | np.ndarray]) -> str:
+    """One line for the training log, e.g.
+    ``"train 40 classes / 2400 images, validation 10 classes / 600 images, test ... (84x84x3)"``.
+
+    Accepts :class:`ClassImages` splits or class-indexed ``(C, per_class, H, W, ch)`` arrays.
+    """
+    parts, shape = [], None
+    for split, value in arrays.items():
+        if isinstance(value, ClassImages):
+            n_classes, n_images = len(value.counts), int(np.sum(value.counts))
+            shape = value.images.shape[1:]
+        else:
+            n_classes, n_images = value.shape[0], value.shape[0] * value.shape[1]
+            shape = value.shape[2:]
+        parts.append(f"{split} {n_classes} classes / {n_images} images")
+    line = ", ".join(parts)
+    return f"{line} ({'x'.join(str(d) for d in shape)})" if shape else line
