@@ -60,10 +60,11 @@ import logging
 import os
 import pickle
 import tarfile
-import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -71,13 +72,18 @@ from PIL import Image
 
 from metalearn.data.common import (
     SPLITS,
-    cached_arrays,
-    check_class_arrays,
-    default_manual_dir,
     network_unavailable_reason,
-    resolve_data_dir,
     sha256_of,
     url_infos,
+)
+from metalearn.data.pipeline import (
+    DatasetSpec,
+    Paths,
+    class_array_problem,
+    load,
+    prepare_tfds,
+    read_split,
+    text,
 )
 from metalearn.errors import DataError
 
@@ -535,29 +541,21 @@ class MetalearnCifar100(tfds.core.GeneratorBasedBuilder):
 def _read_tfds(
     manual_dir: Path, data_dir: Path, download: bool, checksums: Mapping[str, str] | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Build ``metalearn_cifar100`` if needed and read it back: images (N, 32, 32, 3) uint8,
-    fine and coarse labels, train images then test images, each in archive order."""
-    common = dict(data_dir=os.fspath(data_dir), file_format="array_record")
-    builder = MetalearnCifar100(**common)
-    if not builder.is_prepared():
+    """Build ``metalearn_cifar100`` if needed (once, under a lock) and read it back: images
+    (N, 32, 32, 3) uint8, fine and coarse labels, train images then test images, each in
+    archive order."""
+    builder = prepare_tfds(
+        lambda **kw: MetalearnCifar100(data_dir=os.fspath(data_dir), file_format="array_record", **kw),
+        "metalearn_cifar100",
+        data_root=data_dir,
         # The archive is located and checksummed (or the network probed) before TFDS starts,
         # so that a missing or wrong file fails in seconds with a one-line message.
-        archive = locate_archive(manual_dir, download=download, checksums=checksums)
-        builder = MetalearnCifar100(archive=archive, **common)
-        started = time.perf_counter()
-        # try_download_gcs=False: otherwise TFDS asks Google Cloud Storage for a prebuilt copy.
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        log.info("built TFDS metalearn_cifar100 in %.1f s", time.perf_counter() - started)
-
+        locate=lambda: {"archive": locate_archive(manual_dir, download=download, checksums=checksums)},
+    )
     images, fine, coarse = [], [], []
     for split in ("train", "test"):
-        source = builder.as_data_source(split=split)
-        records = source.__getitems__(range(len(source)))  # random access, no TensorFlow
-        order = []
-        for rec in records:
-            key = rec["id"]
-            key = key.decode() if isinstance(key, bytes) else key  # data sources return bytes
-            order.append(int(key.rsplit("_", 1)[1]))
+        records = read_split(builder, split)
+        order = [int(text(rec["id"]).rsplit("_", 1)[1]) for rec in records]
         for j in np.argsort(order, kind="stable"):
             rec = records[j]
             images.append(rec["image"])
@@ -566,26 +564,45 @@ def _read_tfds(
     return np.stack(images).astype(np.uint8, copy=False), np.array(fine), np.array(coarse)
 
 
-def _build(
-    dataset: str, manual_dir: Path, data_root: Path, download: bool, checksums: Mapping[str, str] | None
-) -> dict[str, np.ndarray]:
-    what = _WHAT[dataset]
-    images, fine, _ = _read_tfds(manual_dir, data_root, download, checksums)
+def _build(cfg: Any, paths: Paths, found: None) -> dict[str, np.ndarray]:
+    what = _WHAT[cfg.name]
+    images, fine, _ = _read_tfds(paths.manual, paths.data_root, cfg.download, cfg.checksums)
     counts = np.bincount(fine, minlength=NUM_FINE)
     if counts.min() != counts.max() or counts.min() == 0:
         raise DataError(
             f"{what}: CIFAR-100 classes have unequal image counts ({counts.min()}..{counts.max()}); "
-            f"delete {data_root / 'metalearn_cifar100'} to rebuild it"
+            f"delete {paths.data_root / 'metalearn_cifar100'} to rebuild it"
         )
     order = np.argsort(fine, kind="stable")  # by class, file order (train then test) within
     by_class = images[order].reshape(NUM_FINE, counts[0], *IMAGE_SHAPE)
     index = {name: i for i, name in enumerate(CIFAR100_FINE_LABELS)}
-    arrays = {
+    return {
         split: np.ascontiguousarray(by_class[[index[n] for n in names]])
-        for split, names in class_names(dataset).items()
+        for split, names in class_names(cfg.name).items()
     }
-    log.info("%s: %s classes x %d images", what, {s: len(a) for s, a in arrays.items()}, counts[0])
-    return arrays
+
+
+def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:
+    sizes = {split: len(names) for split, names in class_names(cfg.name).items()}
+    problem = class_array_problem(arrays, IMAGE_SHAPE)
+    if problem is None and (
+        {s: len(arrays[s]) for s in SPLITS} != sizes or len({a.shape[1] for a in arrays.values()}) != 1
+    ):
+        problem = "has the wrong number of classes"
+    return problem
+
+
+SPECS = {
+    dataset: DatasetSpec(
+        name=dataset,
+        what=_WHAT[dataset],
+        cache_dir=CACHE_DIRNAME,
+        cache_name=lambda cfg, found: cache_path(".", cfg.name).name,
+        build=_build,
+        check=_check,
+    )
+    for dataset in DATASETS
+}
 
 
 def _load(
@@ -595,21 +612,10 @@ def _load(
     download: bool,
     checksums: Mapping[str, str] | None,
 ) -> dict[str, np.ndarray]:
-    data_root = resolve_data_dir(data_dir)
-    manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(data_root)
-    path = cache_path(data_root, dataset)
-    what = _WHAT[dataset]
-    sizes = {split: len(names) for split, names in class_names(dataset).items()}
-
-    def check(arrays: dict[str, np.ndarray]) -> bool:
-        if not check_class_arrays(arrays, IMAGE_SHAPE, what, path):
-            return False
-        if {s: len(arrays[s]) for s in SPLITS} != sizes or len({a.shape[1] for a in arrays.values()}) != 1:
-            log.warning("%s cache %s has the wrong number of classes; rebuilding it", what, path)
-            return False
-        return True
-
-    return cached_arrays(path, lambda: _build(dataset, manual, data_root, download, checksums), check, what)
+    settings = SimpleNamespace(
+        name=dataset, manual_dir=manual_dir, data_dir=data_dir, download=download, checksums=checksums
+    )
+    return load(SPECS[dataset], settings)
 
 
 def load_cifar_fs(
@@ -646,3 +652,8 @@ def load_fc100(
     per class in CIFAR-100 order. Arguments as for :func:`load_cifar_fs`.
     """
     return _load("fc100", manual_dir, data_dir, download, checksums)
+
+
+def load_config(cfg: Any) -> dict[str, np.ndarray]:
+    """The arrays for a DatasetConfig with ``name`` cifar_fs or fc100."""
+    return _load(cfg.name, cfg.manual_dir, cfg.data_dir, cfg.download, None)

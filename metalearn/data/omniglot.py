@@ -161,6 +161,7 @@ def _read_tfds(
     builder = prepare_tfds(
         lambda **kw: MetalearnOmniglot(**common, **kw),
         f"metalearn_omniglot/{variant}",
+        data_root=data_dir,
         # Archives are located and checksummed (or the network probed) before TFDS starts,
         # so that a missing or wrong file fails in seconds with a one-line message.
         locate=lambda: {

@@ -19,7 +19,7 @@ is done here, once:
 Placement on device or host is :func:`metalearn.tasks.image_source`'s job, for every dataset.
 
 Concurrency: a TFDS build (:func:`prepare_tfds`) and each cache write hold an exclusive
-``fcntl.flock`` on a lock file next to what they write (``.<name>.lock``), so N jobs started
+``fcntl.flock`` on a lock file of their own (:func:`lock_file`), so N jobs started
 together on an empty data dir all succeed: one builds, the others wait (printing a line that
 says for what and for whom) and then reuse its result. A lock held by a process that dies is
 released by the kernel; the next holder sees the dead process's pid in the lock file, says so,
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -67,18 +68,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def file_lock(target: str | os.PathLike, what: str) -> Iterator[bool]:
-    """Hold an exclusive inter-process lock for building ``target`` (a folder or file).
+LOCK_DIRNAME = ".metalearn_locks"
 
-    The lock file is ``.<target name>.lock`` beside ``target``. If another process holds it,
-    print ``metalearn: waiting for another process (pid N) building <what> ...`` and block
-    until it is released. Yields True when the previous holder died without finishing (its
+
+def lock_file(target: str | os.PathLike, data_root: str | os.PathLike) -> Path:
+    """The lock file for building ``target``: ``<data_root>/.metalearn_locks/<target's path
+    relative to data_root, '/' written as '__'>.lock`` (one hidden folder, so a build that
+    fails leaves no dataset folder behind)."""
+    target, root = Path(target).absolute(), Path(data_root).absolute()
+    try:
+        name = "__".join(target.relative_to(root).parts)
+    except ValueError:
+        name = hashlib.sha256(str(target).encode()).hexdigest()[:16] + "_" + target.name
+    return root / LOCK_DIRNAME / f"{name}.lock"
+
+
+@contextlib.contextmanager
+def file_lock(target: str | os.PathLike, what: str, data_root: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive inter-process lock (``fcntl.flock`` on :func:`lock_file`) for
+    building ``target`` (a folder or file under ``data_root``).
+
+    If another process holds it, print ``metalearn: waiting for another process (pid N)
+    building <what> ...`` and block until it is released (the kernel releases the lock of a
+    process that dies). Yields True when the previous holder died without finishing (its
     pid is still in the lock file), so that the caller can clean up after it.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
+    lock_path = lock_file(target, data_root)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,9 +155,10 @@ def prepare_tfds(
     manual_dir: str | os.PathLike | None = None,
     in_memory_shuffle: bool = False,
     prepared: Callable[[], bool] | None = None,
+    data_root: str | os.PathLike,
 ):
     """A prepared TFDS builder: ``make_builder()`` if its dataset is already built, else built
-    once under :func:`file_lock` (next to the dataset's version folder).
+    once under :func:`file_lock`.
 
     ``locate()`` (called only when a build is needed) returns extra keyword arguments for
     ``make_builder`` (e.g. verified archive paths), so missing or corrupt files fail in
@@ -155,7 +173,7 @@ def prepare_tfds(
     if _is_prepared(builder):
         return builder
     version_dir = Path(builder.data_dir)
-    with file_lock(version_dir, f"TFDS {what}"):
+    with file_lock(version_dir, f"TFDS {what}", data_root):
         builder = make_builder()
         if _is_prepared(builder):  # built by another process while this one waited
             return builder
@@ -255,7 +273,7 @@ def load_arrays(spec: DatasetSpec, cfg: Any) -> tuple[dict[str, np.ndarray], Pat
     arrays = usable()
     if arrays is not None:
         return arrays, path
-    with file_lock(path, f"the {spec.what} cache"):
+    with file_lock(path, f"the {spec.what} cache", paths.data_root):
         arrays = usable()  # written by another process while this one waited
         if arrays is None:
             started = time.perf_counter()
