@@ -72,21 +72,22 @@ import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from metalearn.data.common import (
-    SPLITS,
-    cached_arrays,
-    check_class_arrays,
-    default_manual_dir,
-    load_npz,
-    resolve_data_dir,
-    save_npz_atomic,
-    tfds_in_memory_shuffle,
+from metalearn.data.common import SPLITS, load_npz
+from metalearn.data.pipeline import (
+    DatasetSpec,
+    Paths,
+    class_array_problem,
+    load,
+    prepare_tfds,
+    read_split,
+    text,
 )
 from metalearn.errors import ConfigError, DataError
 
@@ -109,6 +110,7 @@ IMAGE_SIDE = 84
 IMAGES_PER_CLASS = 600
 # Bump whenever the content of the cached arrays changes (preprocessing, ordering).
 CACHE_FORMAT_VERSION = 1
+CACHE_DIRNAME = "metalearn_mini_imagenet_cache"
 RESIZE_FILTER = Image.LANCZOS
 
 # The Ravi & Larochelle (2017) split: the label column of train.csv / val.csv / test.csv in
@@ -471,7 +473,7 @@ class MetalearnMiniImagenet(tfds.core.GeneratorBasedBuilder):
 def cache_path(data_dir: str | os.PathLike, layout: str, image_size: int) -> Path:
     """Path of the ``.npz`` holding the prepared arrays for this layout and image size."""
     name = f"mini_imagenet_{layout}_{image_size}px_v{CACHE_FORMAT_VERSION}.npz"
-    return Path(data_dir).expanduser() / "metalearn_mini_imagenet_cache" / name
+    return Path(data_dir).expanduser() / CACHE_DIRNAME / name
 
 
 def _check_image_size(image_size) -> int:
@@ -480,16 +482,15 @@ def _check_image_size(image_size) -> int:
     return int(image_size)
 
 
-def _valid_cache(arrays: dict[str, np.ndarray], image_size: int, path: Path) -> bool:
-    if not check_class_arrays(arrays, (image_size, image_size, 3), WHAT, path):
-        return False
+def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:
+    size = int(cfg.image_size)
+    problem = class_array_problem(arrays, (size, size, 3))
+    if problem is not None:
+        return problem
     for split, arr in arrays.items():
         if arr.shape[:2] != (len(SPLIT_WNIDS[split]), IMAGES_PER_CLASS):
-            log.warning(
-                "%s cache %s has %s classes x images %s; rebuilding it", WHAT, path, split, arr.shape[:2]
-            )
-            return False
-    return True
+            return f"has {split} classes x images {arr.shape[:2]}"
+    return None
 
 
 def _builder(layout: str, data_root: Path, **kwargs) -> MetalearnMiniImagenet:
@@ -506,30 +507,28 @@ def _is_built(layout: str, data_root: Path) -> bool:
 
 
 def _read_tfds(layout: str, data_root: Path, manual: Path, files: Mapping[str, Path] | None) -> dict:
-    """Build the TFDS dataset if needed (from ``files``) and read it back as 84x84 arrays."""
-    if _is_built(layout, data_root):
-        builder = _builder(layout, data_root)
-    else:
+    """Build the TFDS dataset if needed (from ``files``, once, under a lock) and read it back
+    as 84x84 arrays."""
+
+    def locate() -> dict:
         if files is None:
             raise DataError(f"{WHAT} TFDS build of {layout} vanished from {data_root}; {MANUAL_INSTRUCTIONS}")
-        classes = read_layout(layout, files)  # validated before TFDS starts
-        builder = _builder(layout, data_root, classes=classes)
-        with tfds_in_memory_shuffle():  # the train split exceeds TFDS's 1 GB buffer
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False, manual_dir=os.fspath(manual)
-                )
-            )
-        del classes
-        log.info("built TFDS metalearn_mini_imagenet/%s in %s", layout, builder.data_dir)
+        return {"classes": read_layout(layout, files)}  # validated before TFDS starts
+
+    builder = prepare_tfds(
+        lambda **kw: _builder(layout, data_root, **kw),
+        f"metalearn_mini_imagenet/{layout}",
+        locate=locate,
+        manual_dir=manual,
+        in_memory_shuffle=True,  # the train split exceeds TFDS's 1 GB buffer
+        prepared=lambda: _is_built(layout, data_root),
+        data_root=data_root,
+    )
     arrays = {}
     for split in SPLITS:
-        source = builder.as_data_source(split=split)
         by_class: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for rec in source.__getitems__(range(len(source))):
-            label = rec["label"]
-            label = label.decode() if isinstance(label, bytes) else str(label)
-            by_class.setdefault(label, []).append((int(rec["index"]), rec["image"]))
+        for rec in read_split(builder, split):
+            by_class.setdefault(text(rec["label"]), []).append((int(rec["index"]), rec["image"]))
         expected = sorted(SPLIT_WNIDS[split])
         counts = {w: len(v) for w, v in by_class.items()}
         if sorted(by_class) != expected or any(n != IMAGES_PER_CLASS for n in counts.values()):
@@ -554,6 +553,42 @@ def _resize(classes: np.ndarray, image_size: int) -> np.ndarray:
     return out.reshape(*classes.shape[:2], image_size, image_size, 3)
 
 
+def _locate(cfg: Any, paths: Paths) -> tuple[str, Mapping[str, Path] | None]:
+    """(layout, its files) in manual_dir; without usable files there, the layout of an earlier
+    cache (same image size), else of an earlier TFDS build (files None); else DataError."""
+    size = _check_image_size(cfg.image_size)
+    located = locate_files(paths.manual)
+    if located.layout is not None:
+        return located.layout, located.files
+    for layout in LAYOUTS:
+        path = cache_path(paths.data_root, layout, size)
+        cached = load_npz(path, SPLITS, WHAT)
+        if cached is not None and not _check(cfg, cached):
+            log.info("%s: no files in %s, using the existing cache %s", WHAT, paths.manual, path)
+            return layout, None
+    for layout in LAYOUTS:
+        if _is_built(layout, paths.data_root):
+            return layout, None
+    raise DataError(located.problem)
+
+
+def _build(cfg: Any, paths: Paths, found: tuple[str, Mapping[str, Path] | None]) -> dict[str, np.ndarray]:
+    layout, files = found
+    arrays = _read_tfds(layout, paths.data_root, paths.manual, files)
+    return {split: _resize(arr, int(cfg.image_size)) for split, arr in arrays.items()}
+
+
+SPEC = DatasetSpec(
+    name="mini_imagenet",
+    what=WHAT,
+    cache_dir=CACHE_DIRNAME,
+    cache_name=lambda cfg, found: cache_path(".", found[0], int(cfg.image_size)).name,
+    build=_build,
+    locate=_locate,
+    check=_check,
+)
+
+
 def load_mini_imagenet(
     manual_dir: str | None, data_dir: str | None, image_size: int = 84
 ) -> dict[str, np.ndarray]:
@@ -564,33 +599,9 @@ def load_mini_imagenet(
     DataError (one line) at once if the files are missing, incomplete or malformed, unless
     an earlier build of the same image size can be reused; never downloads anything.
     """
-    size = _check_image_size(image_size)
-    data_root = resolve_data_dir(data_dir)
-    manual = Path(manual_dir).expanduser() if manual_dir else default_manual_dir(data_root)
-    located = locate_files(manual)
+    return load(SPEC, SimpleNamespace(manual_dir=manual_dir, data_dir=data_dir, image_size=image_size))
 
-    def build(layout: str, files: Mapping[str, Path] | None) -> dict[str, np.ndarray]:
-        arrays = _read_tfds(layout, data_root, manual, files)
-        arrays = {split: _resize(arr, size) for split, arr in arrays.items()}
-        log.info("%s (%s): %s classes", WHAT, layout, {s: len(a) for s, a in arrays.items()})
-        return arrays
 
-    if located.layout is not None:
-        path = cache_path(data_root, located.layout, size)
-        return cached_arrays(
-            path, lambda: build(located.layout, located.files), lambda a: _valid_cache(a, size, path), WHAT
-        )
-
-    # No usable files in manual_dir: an earlier cache, else TFDS build, of any layout will do.
-    for layout in LAYOUTS:
-        path = cache_path(data_root, layout, size)
-        cached = load_npz(path, SPLITS, WHAT)
-        if cached is not None and _valid_cache(cached, size, path):
-            log.info("%s: no files in %s, using the existing cache %s", WHAT, manual, path)
-            return cached
-    for layout in LAYOUTS:
-        if _is_built(layout, data_root):
-            arrays = build(layout, None)
-            save_npz_atomic(cache_path(data_root, layout, size), arrays)
-            return arrays
-    raise DataError(located.problem)
+def load_config(cfg: Any) -> dict[str, np.ndarray]:
+    """The arrays for a DatasetConfig with ``name=mini_imagenet``."""
+    return load_mini_imagenet(cfg.manual_dir, cfg.data_dir, image_size=cfg.image_size)
