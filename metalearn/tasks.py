@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metalearn.data import IMAGE_DATASETS, load_dataset
 from metalearn.errors import ConfigError
 
 
@@ -331,39 +332,15 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     )
 
 
-DATASETS = ("sinusoid", "omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder")
+DATASETS = ("sinusoid", *IMAGE_DATASETS)
 
 
 def load_image_arrays(cfg: Any) -> dict[str, Any]:
-    """The per-split images of the image dataset ``cfg.name`` (a DatasetConfig)."""
-    if cfg.name == "omniglot":
-        from metalearn.data.omniglot import load_omniglot
-
-        return load_omniglot(
-            variant=cfg.variant,
-            manual_dir=cfg.manual_dir,
-            data_dir=cfg.data_dir,
-            image_size=cfg.image_size,
-            rotations=cfg.rotations,
-            split_seed=cfg.split_seed,
-            download=cfg.download,
-        )
-    if cfg.name == "mini_imagenet":
-        from metalearn.data.mini_imagenet import load_mini_imagenet
-
-        return load_mini_imagenet(cfg.manual_dir, cfg.data_dir, image_size=cfg.image_size)
-    if cfg.name in ("cifar_fs", "fc100"):
-        from metalearn.data.cifar_fewshot import load_cifar_fs, load_fc100
-
-        load = load_cifar_fs if cfg.name == "cifar_fs" else load_fc100
-        return load(cfg.manual_dir, cfg.data_dir, download=cfg.download)
-    if cfg.name == "image_folder":
-        from metalearn.data.image_folder import load_image_folder
-
-        return load_image_folder(
-            cfg.path, cfg.data_dir, cfg.image_size, cfg.channels, list(cfg.split_ratios), cfg.split_seed
-        )
-    raise ConfigError(f"invalid dataset.name={cfg.name!r}: must be one of {list(DATASETS)}")
+    """The per-split images of the image dataset ``cfg.name`` (a DatasetConfig), through the
+    dataset's module in :data:`metalearn.data.IMAGE_DATASETS`."""
+    if cfg.name not in IMAGE_DATASETS:
+        raise ConfigError(f"invalid dataset.name={cfg.name!r}: must be one of {list(DATASETS)}")
+    return load_dataset(cfg)
 
 
 def build_task_source(cfg: Any) -> TaskSource:

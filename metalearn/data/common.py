@@ -20,7 +20,6 @@ import socket
 import threading
 import urllib.parse
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,34 +128,6 @@ def load_npz(path: Path, keys: tuple[str, ...], what: str) -> dict[str, np.ndarr
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
         log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, err)
         return None
-
-
-def check_class_arrays(
-    arrays: dict[str, np.ndarray], image_shape: tuple[int, ...], what: str, path: Path
-) -> bool:
-    """True if every split is a uint8 ``(C, per_class, *image_shape)`` array; else warn, False."""
-    for split, arr in arrays.items():
-        if arr.dtype != np.uint8 or arr.ndim != 5 or arr.shape[2:] != tuple(image_shape):
-            log.warning(
-                "%s cache %s has a bad %s array %s %s; rebuilding it", what, path, split, arr.dtype, arr.shape
-            )
-            return False
-    return True
-
-
-def cached_arrays(
-    path: Path,
-    build: Callable[[], dict[str, np.ndarray]],
-    check: Callable[[dict[str, np.ndarray]], bool],
-    what: str,
-) -> dict[str, np.ndarray]:
-    """Load ``path`` if it exists and passes ``check``; otherwise ``build()``, save, return."""
-    cached = load_npz(path, SPLITS, what)
-    if cached is not None and check(cached):
-        return cached
-    arrays = build()
-    save_npz_atomic(path, arrays)
-    return arrays
 
 
 @contextlib.contextmanager

@@ -53,16 +53,18 @@ import logging
 import math
 import os
 import re
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral, Real
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from metalearn.data.common import SPLITS, ClassImages, load_npz, resolve_data_dir, save_npz_atomic
+from metalearn.data.common import SPLITS, ClassImages, resolve_data_dir
+from metalearn.data.pipeline import DatasetSpec, Paths, describe, load_arrays
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -327,8 +329,8 @@ def _cache_keys() -> tuple[str, ...]:
     return tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "counts", "classes"))
 
 
-def _cache_ok(arrays: dict[str, np.ndarray], image_shape: tuple[int, int, int], path: Path) -> bool:
-    """True if the cached arrays are consistent; else warn and return False (-> rebuild)."""
+def _cache_problem(arrays: dict[str, np.ndarray], image_shape: tuple[int, int, int]) -> str | None:
+    """Why the cached arrays are inconsistent (-> rebuild), or None."""
     for split in SPLITS:
         images, counts, names = (arrays[f"{split}_{p}"] for p in ("images", "counts", "classes"))
         ok = (
@@ -344,9 +346,8 @@ def _cache_ok(arrays: dict[str, np.ndarray], image_shape: tuple[int, int, int], 
             and names.shape == counts.shape
         )
         if not ok:
-            log.warning("image_folder cache %s has inconsistent %s arrays; rebuilding it", path, split)
-            return False
-    return True
+            return f"has inconsistent {split} arrays"
+    return None
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -398,6 +399,44 @@ def _build(splits: dict[str, list[_Class]], image_size: int, channels: int) -> d
 # ----------------------------------------------------------------------------- public API
 
 
+def _locate(cfg: Any, paths: Paths) -> tuple[Path, str, dict[str, list[_Class]], str]:
+    """(folder, layout, classes per split, fingerprint), after checking the settings."""
+    if cfg.path is None or not str(cfg.path).strip():
+        raise DataError("dataset.path is not set; give the image folder, e.g. dataset.path=/data/my_images")
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset.path {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"dataset.path {root} is not a directory")
+    root = root.resolve()
+    layout, splits = _scan(root, cfg.split_ratios, cfg.split_seed)
+    fingerprint = _fingerprint(
+        root, layout, splits, cfg.image_size, cfg.channels, cfg.split_ratios, cfg.split_seed
+    )
+    return root, layout, splits, fingerprint
+
+
+def _cache_name(cfg: Any, found: tuple) -> str:
+    root, _, _, fingerprint = found
+    return _cache_file(".", root, fingerprint).name
+
+
+SPEC = DatasetSpec(
+    name="image_folder",
+    what="image_folder",
+    cache_dir=CACHE_DIR_NAME,
+    cache_name=_cache_name,
+    build=lambda cfg, paths, found: _build(found[2], cfg.image_size, cfg.channels),
+    locate=_locate,
+    check=lambda cfg, arrays: _cache_problem(arrays, (cfg.image_size, cfg.image_size, cfg.channels)),
+    keys=lambda cfg: _cache_keys(),
+    to_splits=lambda arrays: {
+        split: ClassImages(arrays[f"{split}_images"], arrays[f"{split}_counts"].astype(np.int64))
+        for split in SPLITS
+    },
+)
+
+
 def load_image_folder_with_names(
     path: str | os.PathLike,
     data_dir: str | None,
@@ -408,36 +447,17 @@ def load_image_folder_with_names(
 ) -> tuple[dict[str, ClassImages], dict[str, list[str]]]:
     """Like :func:`load_image_folder`, plus ``{split: class names}`` in class-index order."""
     image_size, channels, ratios, split_seed = _check_settings(image_size, channels, split_ratios, split_seed)
-    if path is None or not str(path).strip():
-        raise DataError("dataset.path is not set; give the image folder, e.g. dataset.path=/data/my_images")
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DataError(f"dataset.path {root} does not exist")
-    if not root.is_dir():
-        raise DataError(f"dataset.path {root} is not a directory")
-    root = root.resolve()
-
-    layout, splits = _scan(root, ratios, split_seed)
-    cache = _cache_file(
-        data_dir, root, _fingerprint(root, layout, splits, image_size, channels, ratios, split_seed)
+    settings = SimpleNamespace(
+        path=path,
+        data_dir=data_dir,
+        image_size=image_size,
+        channels=channels,
+        split_ratios=ratios,
+        split_seed=split_seed,
     )
-    arrays = load_npz(cache, _cache_keys(), "image_folder")
-    if arrays is None or not _cache_ok(arrays, (image_size, image_size, channels), cache):
-        started = time.perf_counter()
-        arrays = _build(splits, image_size, channels)
-        save_npz_atomic(cache, arrays)
-        log.info(
-            "image_folder %s (%s layout): decoded %d images in %.1f s; cache %s",
-            root,
-            layout,
-            sum(len(arrays[f"{s}_images"]) for s in SPLITS),
-            time.perf_counter() - started,
-            cache,
-        )
-    data = {
-        split: ClassImages(arrays[f"{split}_images"], arrays[f"{split}_counts"].astype(np.int64))
-        for split in SPLITS
-    }
+    arrays, cache = load_arrays(SPEC, settings)
+    data = SPEC.to_splits(arrays)
+    log.info("image_folder %s: %s; cache %s", path, describe(data), cache)
     names = {split: [str(n) for n in arrays[f"{split}_classes"]] for split in SPLITS}
     return data, names
 
@@ -461,20 +481,8 @@ def load_image_folder(
     return load_image_folder_with_names(path, data_dir, image_size, channels, split_ratios, split_seed)[0]
 
 
-def describe(arrays: Mapping[str, ClassImages | np.ndarray]) -> str:
-    """One line for the training log, e.g.
-    ``"train 40 classes / 2400 images, validation 10 classes / 600 images, test ... (84x84x3)"``.
-
-    Accepts :class:`ClassImages` splits or class-indexed ``(C, per_class, H, W, ch)`` arrays.
-    """
-    parts, shape = [], None
-    for split, value in arrays.items():
-        if isinstance(value, ClassImages):
-            n_classes, n_images = len(value.counts), int(np.sum(value.counts))
-            shape = value.images.shape[1:]
-        else:
-            n_classes, n_images = value.shape[0], value.shape[0] * value.shape[1]
-            shape = value.shape[2:]
-        parts.append(f"{split} {n_classes} classes / {n_images} images")
-    line = ", ".join(parts)
-    return f"{line} ({'x'.join(str(d) for d in shape)})" if shape else line
+def load_config(cfg: Any) -> dict[str, ClassImages]:
+    """The splits for a DatasetConfig with ``name=image_folder``."""
+    return load_image_folder(
+        cfg.path, cfg.data_dir, cfg.image_size, cfg.channels, list(cfg.split_ratios), cfg.split_seed
+    )
