@@ -64,7 +64,19 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from metalearn.data.common import SPLITS, ClassImages, resolve_data_dir
-from metalearn.data.pipeline import DatasetSpec, Paths, describe, load_arrays
+from metalearn.data.pipeline import (
+    RESAMPLE,  # noqa: F401 (re-exported)
+    DatasetSpec,
+    Paths,
+    describe,
+    load_arrays,
+    ragged_keys,
+    ragged_problem,
+    ragged_splits,
+    split_classes,
+    split_counts,
+    to_pixels,
+)
 from metalearn.errors import ConfigError, DataError
 
 __all__ = [
@@ -89,7 +101,6 @@ SPLIT_DIR_NAMES: dict[str, tuple[str, ...]] = {
 CACHE_DIR_NAME = "metalearn_image_folder_cache"
 # Bump whenever the content of the cached arrays changes (decoding, resizing, split rule).
 CACHE_FORMAT_VERSION = 1
-RESAMPLE = Image.Resampling.LANCZOS
 RATIO_TOLERANCE = 1e-6
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -133,36 +144,6 @@ def _check_settings(
         )
     r = tuple(float(x) for x in ratios)
     return int(image_size), int(channels), (r[0], r[1], r[2]), int(split_seed)
-
-
-def split_counts(num_classes: int, split_ratios: Sequence[float]) -> tuple[int, int, int]:
-    """(train, validation, test) class counts for the flat layout; see the module docstring.
-
-    Raises DataError naming ``dataset.split_ratios`` and the class count when a split would
-    get no class.
-    """
-    ratios = [float(r) for r in split_ratios]
-    exact = [num_classes * r for r in ratios]
-    counts = [min(num_classes, math.floor(x + 1e-9)) for x in exact]
-    while sum(counts) > num_classes:  # only possible through the 1e-6 tolerance on the sum
-        counts[counts.index(max(counts))] -= 1
-    left = num_classes - sum(counts)
-    by_remainder = sorted(range(3), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[:left]:
-        counts[i] += 1
-    for i in range(3):
-        if counts[i] == 0 and ratios[i] > 0:
-            donor = max(range(3), key=lambda j: (counts[j], -j))
-            if counts[donor] > 1:
-                counts[donor] -= 1
-                counts[i] = 1
-    if min(counts) < 1:
-        raise DataError(
-            f"dataset.split_ratios {ratios} split {num_classes} classes into {counts[0]} train / "
-            f"{counts[1]} validation / {counts[2]} test; every split needs at least 1 class "
-            "(add classes or change the ratios)"
-        )
-    return counts[0], counts[1], counts[2]
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -262,15 +243,9 @@ def _scan(
             f"dataset.path {root} has no class subfolders with image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}"
         )
-    n_train, n_val, _ = split_counts(len(classes), split_ratios)
-    order = np.random.default_rng(split_seed).permutation(len(classes))
-    shuffled = [classes[i] for i in order]
-    cuts = {
-        "train": shuffled[:n_train],
-        "validation": shuffled[n_train : n_train + n_val],
-        "test": shuffled[n_train + n_val :],
-    }
-    return "flat", {split: sorted(cls, key=lambda c: c[0]) for split, cls in cuts.items()}
+    # Classes are in name order, so sorted indices keep each split in name order.
+    cuts = split_classes(len(classes), split_ratios, split_seed)
+    return "flat", {split: [classes[i] for i in idx] for split, idx in cuts.items()}
 
 
 def _image_files_at_top(root: Path) -> bool:
@@ -325,31 +300,6 @@ def _cache_file(data_dir: str | os.PathLike | None, root: Path, fingerprint: str
     return resolve_data_dir(data_dir) / CACHE_DIR_NAME / f"{stem}_{fingerprint}.npz"
 
 
-def _cache_keys() -> tuple[str, ...]:
-    return tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "counts", "classes"))
-
-
-def _cache_problem(arrays: dict[str, np.ndarray], image_shape: tuple[int, int, int]) -> str | None:
-    """Why the cached arrays are inconsistent (-> rebuild), or None."""
-    for split in SPLITS:
-        images, counts, names = (arrays[f"{split}_{p}"] for p in ("images", "counts", "classes"))
-        ok = (
-            images.dtype == np.uint8
-            and images.ndim == 4
-            and images.shape[1:] == image_shape
-            and counts.ndim == 1
-            and counts.dtype.kind in "iu"
-            and len(counts) >= 1
-            and int(counts.min()) >= 1
-            and int(counts.sum()) == len(images)
-            and names.dtype.kind == "U"
-            and names.shape == counts.shape
-        )
-        if not ok:
-            return f"has inconsistent {split} arrays"
-    return None
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -363,15 +313,12 @@ def _decode_image(file: Path, image_size: int, channels: int) -> np.ndarray:
                 img = Image.fromarray((np.clip(wide, 0, 65535) / 257.0).round().astype(np.uint8), "L")
             elif img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), RESAMPLE)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = to_pixels(img, image_size, channels)
     except Exception as err:  # PIL raises many types on broken files; all mean "cannot decode"
         raise DataError(
             f"dataset.path: cannot decode image {file} ({type(err).__name__}: {_one_line(err)})"
         ) from err
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return arr
 
 
 def _build(splits: dict[str, list[_Class]], image_size: int, channels: int) -> dict[str, np.ndarray]:
@@ -428,12 +375,9 @@ SPEC = DatasetSpec(
     cache_name=_cache_name,
     build=lambda cfg, paths, found: _build(found[2], cfg.image_size, cfg.channels),
     locate=_locate,
-    check=lambda cfg, arrays: _cache_problem(arrays, (cfg.image_size, cfg.image_size, cfg.channels)),
-    keys=lambda cfg: _cache_keys(),
-    to_splits=lambda arrays: {
-        split: ClassImages(arrays[f"{split}_images"], arrays[f"{split}_counts"].astype(np.int64))
-        for split in SPLITS
-    },
+    check=lambda cfg, arrays: ragged_problem(arrays, SPLITS, (cfg.image_size, cfg.image_size, cfg.channels)),
+    keys=lambda cfg: ragged_keys(SPLITS),
+    to_splits=ragged_splits,
 )
 
 

@@ -32,15 +32,17 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from metalearn.data.common import (
     SPLITS,
@@ -51,6 +53,7 @@ from metalearn.data.common import (
     save_npz_atomic,
     tfds_in_memory_shuffle,
 )
+from metalearn.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +293,104 @@ def load(spec: DatasetSpec, cfg: Any) -> dict[str, Any]:
     splits = spec.to_splits(arrays)
     log.info("%s: %s; cache %s", spec.what, describe(splits), path)
     return splits
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+RESAMPLE = Image.Resampling.LANCZOS
+
+
+def to_pixels(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
+    """A PIL image as ``(image_size, image_size, channels)`` uint8: converted to ``"L"``
+    (channels=1) or ``"RGB"`` and resized with LANCZOS without keeping the aspect ratio (an
+    image already of that size is used as is)."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), RESAMPLE)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def split_counts(num_classes: int, split_ratios: Sequence[float]) -> tuple[int, int, int]:
+    """(train, validation, test) class counts for ``split_ratios``; see :func:`split_classes`.
+
+    Raises DataError naming ``dataset.split_ratios`` and the class count when a split would
+    get no class.
+    """
+    ratios = [float(r) for r in split_ratios]
+    exact = [num_classes * r for r in ratios]
+    counts = [min(num_classes, math.floor(x + 1e-9)) for x in exact]
+    while sum(counts) > num_classes:  # only possible through the 1e-6 tolerance on the sum
+        counts[counts.index(max(counts))] -= 1
+    left = num_classes - sum(counts)
+    by_remainder = sorted(range(3), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:left]:
+        counts[i] += 1
+    for i in range(3):
+        if counts[i] == 0 and ratios[i] > 0:
+            donor = max(range(3), key=lambda j: (counts[j], -j))
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[i] = 1
+    if min(counts) < 1:
+        raise DataError(
+            f"dataset.split_ratios {ratios} split {num_classes} classes into {counts[0]} train / "
+            f"{counts[1]} validation / {counts[2]} test; every split needs at least 1 class "
+            "(add classes or change the ratios)"
+        )
+    return counts[0], counts[1], counts[2]
+
+
+def split_classes(num_classes: int, split_ratios, split_seed: int) -> dict[str, list[int]]:
+    """Class indices 0..num_classes-1 per split: permuted with
+    ``np.random.default_rng(split_seed)`` and cut in that order by :func:`split_counts`
+    (each split's share first rounded down, the classes left over to the largest fractional
+    parts, ties train, validation, test; a split with a positive ratio left empty takes one
+    class from the largest); each split's indices sorted."""
+    n_train, n_val, _ = split_counts(num_classes, split_ratios)
+    order = [int(i) for i in np.random.default_rng(split_seed).permutation(num_classes)]
+    cuts = {
+        "train": order[:n_train],
+        "validation": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+    return {split: sorted(idx) for split, idx in cuts.items()}
+
+
+# Classes of different sizes are cached as ``<split>_images`` (N, H, W, C) uint8 grouped by
+# class, ``<split>_counts`` (classes,) and ``<split>_classes`` (class names, unicode).
+def ragged_keys(splits) -> tuple[str, ...]:
+    return tuple(f"{split}_{part}" for split in splits for part in ("images", "counts", "classes"))
+
+
+def ragged_problem(arrays: Mapping[str, np.ndarray], splits, image_shape: tuple[int, ...]) -> str | None:
+    """Why the cached ragged arrays of ``splits`` are inconsistent (-> rebuild), or None."""
+    for split in splits:
+        images, counts, names = (arrays[f"{split}_{p}"] for p in ("images", "counts", "classes"))
+        ok = (
+            images.dtype == np.uint8
+            and images.ndim == 4
+            and images.shape[1:] == tuple(image_shape)
+            and counts.ndim == 1
+            and counts.dtype.kind in "iu"
+            and len(counts) >= 1
+            and int(counts.min()) >= 1
+            and int(counts.sum()) == len(images)
+            and names.dtype.kind == "U"
+            and names.shape == counts.shape
+        )
+        if not ok:
+            return f"has inconsistent {split} arrays"
+    return None
+
+
+def ragged_splits(arrays: Mapping[str, np.ndarray]) -> dict[str, ClassImages]:
+    """``{split: ClassImages}`` for every split present in cached ragged arrays."""
+    return {
+        split: ClassImages(arrays[f"{split}_images"], arrays[f"{split}_counts"].astype(np.int64))
+        for split in SPLITS
+        if f"{split}_images" in arrays
+    }
 
 
 def describe(arrays: Mapping[str, ClassImages | np.ndarray]) -> str:
