@@ -237,6 +237,11 @@ def _run_guarded(fn, cfg) -> float | None:
             return
         _remove_failed_output(out, fn)
         _fail(str(err), err.exit_code)
+    except Exception:
+        # An unexpected error keeps its traceback, but not the empty run dir it leaves.
+        if not multirun:
+            _remove_failed_output(out, fn)
+        raise
 
 
 def _train_command(cfg) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from metalearn.data import IMAGE_DATASETS
 from metalearn.errors import ConfigError
 
 
@@ -77,6 +78,15 @@ class DatasetConfig:
     path: str | None = None
     channels: int = 3
     split_ratios: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
+    # tfds: a TFDS image-classification dataset ("name", "name/config", "name:version")
+    # prepared in data_dir (or prepared there by TFDS when download is on), the TFDS splits
+    # pooled into one set of classes (then split by split_ratios / split_seed; [0, 0, 1]:
+    # every class a test class, for evaluating runs trained on other data), and the
+    # image and label feature keys.
+    tfds_name: str | None = None
+    tfds_splits: list[str] = field(default_factory=lambda: ["train"])
+    image_key: str = "image"
+    label_key: str = "label"
     # Where episodes are sampled: "device" (the whole split in accelerator memory, sampled
     # inside the jitted step), "host" (a background thread gathers each batch of tasks from
     # host memory and prefetches it), or "auto" (device when the data fits, else host).
@@ -197,7 +207,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
-_DATASETS = ("sinusoid", "omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder")
+_DATASETS = ("sinusoid", *IMAGE_DATASETS)
 _MODELS = ("mlp", "conv4", "resnet12")
 _OPTIMS = ("adam", "sgd")
 # Omniglot facts (metalearn/data/omniglot.py), repeated here so validation needs no data
@@ -269,11 +279,15 @@ def validate(cfg: Any) -> None:
         elif d.name in _FIXED_DATASETS:
             per_class, classes = _FIXED_DATASETS[d.name]
             where = d.name
-        else:  # image_folder: known only once the folder is read
+        else:  # image_folder, tfds: known only once the data is read
             per_class = classes = None
             need(d.channels in (1, 3), "dataset.channels", d.channels, "1 (grey) or 3 (RGB)")
-            need(d.path is not None, "dataset.path", d.path, "the image folder (one subfolder per class)")
-            need(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory")
+            if d.name == "image_folder":
+                need(d.path is not None, "dataset.path", d.path, "the image folder (one subfolder per class)")
+                need(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory")
+            else:
+                need(bool(d.tfds_name), "dataset.tfds_name", d.tfds_name, "a TFDS dataset name")
+                need(len(d.tfds_splits) >= 1, "dataset.tfds_splits", list(d.tfds_splits), "TFDS split names")
             ratios = list(d.split_ratios)
             need(
                 len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
@@ -281,6 +295,13 @@ def validate(cfg: Any) -> None:
                 ratios,
                 "three fractions >= 0 (train, validation, test) summing to 1",
             )
+            if d.name == "tfds" and getattr(cfg, "run_dir", None) is None:  # training, not `metalearn eval`
+                need(
+                    ratios[0] > 0 and ratios[1] > 0,
+                    "dataset.split_ratios",
+                    ratios,
+                    "> 0 for train and validation to train ([0, 0, 1] is for metalearn eval)",
+                )
         if d.name == "cifar_fs" or d.name == "fc100":
             need(d.image_size == 32, "dataset.image_size", d.image_size, f"32 for {d.name} (CIFAR images)")
         if per_class is not None:

@@ -18,6 +18,7 @@ IMAGE_DATASETS: dict[str, str] = {
     "cifar_fs": "metalearn.data.cifar_fewshot",
     "fc100": "metalearn.data.cifar_fewshot",
     "image_folder": "metalearn.data.image_folder",
+    "tfds": "metalearn.data.tfds_source",
 }
 
 
