@@ -42,6 +42,17 @@ def synthetic_image_arrays(n_classes=12, per_class=20, size=8, seed=0) -> dict[s
     return arrays
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only when selected: ``pytest -m slow`` (or any ``-m``
+    expression naming slow)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def float64():
     """Run a test with float64 enabled (finite differences need it), then restore."""

@@ -19,7 +19,7 @@ from PIL import Image
 
 from metalearn.data import tfds_source
 from metalearn.data.pipeline import split_classes
-from metalearn.errors import DataError
+from metalearn.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -159,9 +159,26 @@ def test_errors_are_one_line(shapes_dir, tmp_path):
         assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_task_source_and_training_guard(shapes_dir):
+    """All classes as test: a task source with only a test split, which training refuses."""
+    from metalearn.config import validate
+    from metalearn.tasks import build_task_source
+
+    cfg = make_cfg(model={"name": "conv4"})
+    cfg.dataset = shapes_cfg(shapes_dir, split_ratios=[0.0, 0.0, 1.0], n_way=5, k_shot=1, k_query=5)
+    source = build_task_source(cfg.dataset)
+    assert source.input_shape == (8, 8, 3) and source.output_dim == 5
+    assert set(source.splits) == {"test"}
+    with pytest.raises(ConfigError, match=r"dataset\.split_ratios=\[0\.0, 0\.0, 1\.0\].*metalearn eval"):
+        validate(cfg)
+    cfg.run_dir = "some/run"  # evaluating a trained run: allowed
+    validate(cfg)
+
+
+@pytest.mark.slow
 def test_cli_train_eval_and_cross_domain_eval(shapes_dir, tmp_path):
     """Train and test on the TFDS dataset; then evaluate a run trained on an image folder on
-    all of its classes."""
+    all of its classes. Three CLI runs (about 1 CPU-minute): pytest -m slow tests/test_tfds_source.py"""
     tiny = [
         "trainer.steps=2", "trainer.meta_batch_size=2", "trainer.val_every=0", "trainer.log_every=1",
         "eval.n_tasks=4", "eval.batch_size=4", "model.filters=4", "algo.inner_steps=1",
