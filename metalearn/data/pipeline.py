@@ -276,7 +276,10 @@ def load_arrays(spec: DatasetSpec, cfg: Any) -> tuple[dict[str, np.ndarray], Pat
     arrays = usable()
     if arrays is not None:
         return arrays, path
-    with file_lock(path, f"the {spec.what} cache", paths.data_root):
+    with file_lock(path, f"the {spec.what} cache", paths.data_root) as interrupted:
+        if interrupted:  # the temporary file of save_npz_atomic that the dead process left
+            for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
         arrays = usable()  # written by another process while this one waited
         if arrays is None:
             started = time.perf_counter()
