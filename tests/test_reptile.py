@@ -223,7 +223,7 @@ def test_training_metric_is_scored_on_held_out_examples_only():
 def test_eval_k_query_scores_the_same_images_as_a_source_with_that_k_query():
     arrays = synthetic_image_arrays(size=8)
     model_cfg = make_cfg(model={"name": "conv4", "filters": 2, "blocks": 1}).model
-    algo_cfg = make_cfg(algo={"name": "maml", "inner_lr": 0.1, "inner_steps": 1}).algo
+    algo_cfg = make_cfg(algo={"name": "maml"}).algo  # no adaptation (0 steps below): just scoring
     values = []
     for k_query, eval_k in ((5, 1), (1, None)):
         dcfg = make_cfg(dataset={"name": "omniglot", "n_way": 3, "k_shot": 1, "k_query": k_query}).dataset
@@ -231,7 +231,7 @@ def test_eval_k_query_scores_the_same_images_as_a_source_with_that_k_query():
         problem = Problem(make_model(model_cfg, source.input_shape, source.output_dim), source)
         algo = make_algorithm(algo_cfg, problem)
         exp = Experiment(source, problem.model, algo, optax.sgd(0.1))
-        fn = make_evaluator(exp, 8, 4, 1, split="test", k_query=eval_k)
+        fn = make_evaluator(exp, 8, 4, 0, split="test", k_query=eval_k)
         params = algo.init(jax.random.PRNGKey(0))
         values.append(np.asarray(fn(params, source.splits["test"], jax.random.PRNGKey(4))))
     np.testing.assert_array_equal(values[0], values[1])
