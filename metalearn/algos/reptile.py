@@ -28,7 +28,9 @@ Inner optimizer state (``algo.inner_state``):
   with the same state. Evaluation (validation and test) adapts every task from the
   carried state and discards what adaptation did to it: the state itself is not changed
   (the reference saves and restores its ``_full_state``, Adam's moments included, around
-  each evaluation task). SGD has no state, so with SGD ``carry`` is ``reset``.
+  each evaluation task). SGD has no state, so with SGD ``carry`` is ``reset``. The scan
+  is sequential by nature: with several devices the meta-batch's tasks are gathered and
+  run one after the other, not in parallel.
 - ``reset``: a fresh optimizer state for every task, at training and at test; the tasks
   of a meta-batch are then independent and trained in parallel (``vmap``);
   ``algo_state`` is ``()``.
