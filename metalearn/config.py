@@ -37,6 +37,18 @@ class AlgoConfig:
     inner_optimizer: str = "sgd"
     inner_batch_size: int = 0
     train_on_query: bool = True
+    # Reptile (metalearn/algos/reptile.py): examples per class a meta-training task's inner
+    # loop trains on, taken from its k_shot + k_query; the rest are held out and score the
+    # logged training metric (null: train_on_query decides, as before). Examples per inner
+    # step at test (null: inner_batch_size). The inner optimizer's state: "carry" (one
+    # state through all tasks and into evaluation, as supervised-reptile; set in
+    # conf/algo/reptile.yaml) or "reset" (fresh per task; the default here, so that runs
+    # made before this key existed load as they were trained). Inner loss over a batch:
+    # "mean" or "sum" (supervised-reptile minimises the sum of per-example cross-entropies).
+    train_shots: int | None = None
+    inner_batch_size_test: int | None = None
+    inner_state: str = "reset"
+    inner_loss: str = "mean"
     # ADML (conf/algo/adml.yaml): L-inf attack used to craft the adversarial support/query
     # sets during meta-training. attack_step_size null: 2.5 * eps / attack_steps (PGD only).
     eps: float = 0.1
@@ -119,7 +131,7 @@ class OptimConfig:
     momentum: float = 0.0
     # Clip the meta-gradient to this global norm; null disables clipping.
     clip_norm: float | None = None
-    # "constant" or "cosine" (decays to lr * final_lr_fraction over trainer.steps).
+    # "constant", "cosine" or "linear" (decays to lr * final_lr_fraction over trainer.steps).
     schedule: str = "constant"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0
@@ -155,6 +167,10 @@ class EvalConfig:
     n_tasks: int = 600
     # Tasks adapted in parallel per jitted chunk (memory vs. speed).
     batch_size: int = 100
+    # Query examples per class scored at evaluation (validation and test): the first
+    # k_query of the dataset.k_query sampled (null: all). For training tasks with more
+    # queries than the test protocol uses (Reptile's held-out examples).
+    k_query: int | None = None
     split: str = "test"
 
 
@@ -237,6 +253,18 @@ def validate(cfg: Any) -> None:
         need(a.context_size >= 1, "algo.context_size", a.context_size, ">= 1 for algo=caml")
     need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
     need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
+    test_batch = a.inner_batch_size_test
+    need(test_batch is None or test_batch >= 0, "algo.inner_batch_size_test", test_batch, ">= 0 or null")
+    need(a.inner_state in ("carry", "reset"), "algo.inner_state", a.inner_state, "carry or reset")
+    need(a.inner_loss in ("mean", "sum"), "algo.inner_loss", a.inner_loss, "mean or sum")
+    if a.train_shots is not None:
+        per_class = cfg.dataset.k_shot + cfg.dataset.k_query
+        need(
+            1 <= a.train_shots < per_class,
+            "algo.train_shots",
+            a.train_shots,
+            f">= 1 and < dataset.k_shot + dataset.k_query = {per_class} (the rest are held out), or null",
+        )
     need(math.isfinite(a.eps) and a.eps >= 0, "algo.eps", a.eps, "finite and >= 0")
     need(a.attack in ("fgsm", "pgd"), "algo.attack", a.attack, "fgsm or pgd")
     need(a.attack_steps >= 1, "algo.attack_steps", a.attack_steps, ">= 1")
@@ -358,7 +386,12 @@ def validate(cfg: Any) -> None:
     need(o.name in _OPTIMS, "optim.name", o.name, f"one of {list(_OPTIMS)}")
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0")
     need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0 or null")
-    need(o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule, "constant or cosine")
+    need(
+        o.schedule in ("constant", "cosine", "linear"),
+        "optim.schedule",
+        o.schedule,
+        "constant, cosine or linear",
+    )
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "in [0, 1]")
 
@@ -382,6 +415,13 @@ def validate(cfg: Any) -> None:
     need(t.distributed in ("auto", "on", "off"), "trainer.distributed", t.distributed, "auto, on or off")
     need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    eval_k = getattr(e, "k_query", None)
+    need(
+        eval_k is None or 1 <= eval_k <= cfg.dataset.k_query,
+        "eval.k_query",
+        eval_k,
+        f">= 1 and <= dataset.k_query = {cfg.dataset.k_query}, or null",
+    )
     need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")
 
     k = getattr(cfg, "attack", None)  # absent from hand-built configs of older code

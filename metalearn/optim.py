@@ -8,7 +8,7 @@ import optax
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
-    """Adam or SGD(+momentum), optional warmup / cosine schedule and global-norm clipping."""
+    """Adam or SGD(+momentum), optional warmup / cosine or linear decay and global-norm clipping."""
     if cfg.schedule == "cosine":
         decay_steps = max(total_steps, cfg.warmup_steps + 1)
         lr: Any = optax.warmup_cosine_decay_schedule(
@@ -18,6 +18,13 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
             decay_steps=decay_steps,
             end_value=cfg.lr * cfg.final_lr_fraction,
         )
+    elif cfg.schedule == "linear":
+        # lr * (1 - s / total_steps) + lr * final_lr_fraction * s / total_steps at update s
+        # (supervised-reptile's meta step size, supervised_reptile/train.py), after warmup.
+        w = cfg.warmup_steps
+        lr = optax.linear_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, max(total_steps - w, 1))
+        if w:
+            lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), lr], [w])
     elif cfg.warmup_steps:
         lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
     else:

@@ -288,6 +288,7 @@ def make_evaluator(
     inner_steps: int,
     attack: Attack | None = None,
     split: str = "test",
+    k_query: int | None = None,
 ):
     """Compile ``(params, data, key, algo_state=()) -> per-task metric (n_tasks,)``.
 
@@ -296,6 +297,9 @@ def make_evaluator(
 
     Task i is drawn from fold_in(key, i), so the tasks do not depend on ``batch_size``;
     ``batch_size`` tasks are adapted in parallel (vmap), chunks run under ``lax.map``.
+
+    ``k_query`` (eval.k_query): score only the first ``k_query`` query examples per class
+    of each sampled task (None: all of them).
 
     With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
     same clean adaptation to the same tasks, the query inputs are attacked against the
@@ -308,7 +312,15 @@ def make_evaluator(
     n_chunks = math.ceil(n_tasks / batch_size)
     algo, source = exp.algo, exp.source
 
+    ways = source.output_dim if source.kind == "classification" else 1
+
+    def first_queries(q: jax.Array) -> jax.Array:
+        """The first ``k_query`` of each class's queries (class-major)."""
+        return q.reshape((ways, -1) + q.shape[1:])[:, :k_query].reshape((-1,) + q.shape[1:])
+
     def score(params: PyTree, algo_state: PyTree, task: Any, key: jax.Array) -> PyTree:
+        if k_query is not None:
+            task = task._replace(query_x=first_queries(task.query_x), query_y=first_queries(task.query_y))
         _, adapt_key = jax.random.split(key)
         adapted = algo.adapt_with(params, algo_state, task.support_x, task.support_y, adapt_key, inner_steps)
         clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
@@ -376,7 +388,8 @@ def evaluate_params(
 ) -> dict[str, Any]:
     """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict."""
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
-    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split)
+    k_query = getattr(cfg.eval, "k_query", None)
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query)
     values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
     return summarize(values, exp.source.metric_name)
 
@@ -398,7 +411,8 @@ def evaluate_final(
     if attack is None:
         return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps, algo_state)}
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
-    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack, split=split)
+    k_query = getattr(cfg.eval, "k_query", None)
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack, split=split, k_query=k_query)
     clean, robust = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state)
     settings = {"name": attack_cfg.name, "eps": attack_cfg.eps}
     if attack_cfg.name == "pgd":

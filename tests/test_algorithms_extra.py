@@ -235,13 +235,14 @@ def test_metasgd_inner_step_uses_per_parameter_rates_and_rates_get_meta_gradient
 
 
 def _explicit_adam_beta1_zero(grad_fn, p, lr, steps, b2=0.999, eps=1e-8):
-    """Adam with beta1 = 0 written out: m = g, v = b2 v + (1 - b2) g^2, bias-corrected v."""
+    """TF1 Adam with beta1 = 0 written out: m = g, v = b2 v + (1 - b2) g^2,
+    w -= lr sqrt(1 - b2^t) g / (sqrt(v) + eps), from a fresh state (algo.inner_state=reset)."""
     v = jax.tree.map(jnp.zeros_like, p)
     for t in range(1, steps + 1):
         g = grad_fn(p)
         v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
-        correction = 1 - b2**t
-        p = jax.tree.map(lambda w, g, v, c=correction: w - lr * g / (jnp.sqrt(v / c) + eps), p, g, v)
+        lr_t = lr * np.sqrt(1 - b2**t)
+        p = jax.tree.map(lambda w, g, v, a=lr_t: w - a * g / (jnp.sqrt(v) + eps), p, g, v)
     return p
 
 
@@ -256,6 +257,7 @@ def test_reptile_step_is_outer_lr_times_mean_adapted_minus_initial(float64, inne
             "inner_optimizer": inner_optimizer,
             "train_on_query": train_on_query,
             "inner_batch_size": 0,
+            "inner_state": "reset",
         },
         model={"hidden": [8]},
     )

@@ -2,37 +2,73 @@
 
 For each task tau of a meta-batch of T tasks, starting from phi, run k steps of an
 ordinary optimizer (``algo.inner_optimizer``: SGD, or Adam with beta1 = 0 as in the paper)
-on the task's training data D_tau with mini-batches of ``algo.inner_batch_size``:
+on the task's training examples D_tau in mini-batches of ``algo.inner_batch_size``:
 
     W_tau = U^k_tau(phi),
 
 then move phi towards the adapted weights, phi <- phi + eps * (mean_tau W_tau - phi).
-No gradient flows through U: meta_grad returns the pseudo-gradient
+No gradient flows through U: the meta-gradient is the pseudo-gradient
 
     g = phi - mean_tau W_tau,
 
 so the outer optimizer (``optim``) does the move: with ``optim.name=sgd`` and
-``optim.lr=eps``, phi - eps * g is exactly the update above (the paper's; other optimizers
-treat g like any gradient).
+``optim.lr=eps``, phi - eps * g is exactly the update above (``optim.schedule=linear``
+decays eps linearly to ``eps * optim.final_lr_fraction``, as supervised-reptile's
+``--meta-step`` / ``--meta-step-final``).
 
-Training data: with ``algo.train_on_query`` (default), D_tau is the task's support and
-query sets together, since Reptile has no support/query split at meta-training time (the
-paper trains on ``train-shots`` examples per class, more than the test-time shots); the
-reported ``loss``/metric is then the adapted weights' loss on the query set, a training
-loss for monitoring. With ``train_on_query=false``, D_tau is the support set and the query
-stays held out. At test time (``adapt``) the same optimizer runs on the support set.
+Inner optimizer state (``algo.inner_state``):
+
+- ``carry`` (default; what openai/supervised-reptile does): ONE inner-optimizer state
+  persists through the whole run. The tasks of a meta-batch are trained one after the
+  other (``lax.scan``), each starting from phi but from the optimizer state the previous
+  task left; only the model's parameters are reset between tasks (the reference restores
+  its ``_model_state``, the trainable variables, and keeps Adam's slots and beta powers).
+  The state after the last task goes to the next meta-step. It is
+  ``TrainState.algo_state``, checkpointed with the parameters, so a resumed run continues
+  with the same state. Evaluation (validation and test) adapts every task from the
+  carried state and discards what adaptation did to it: the state itself is not changed
+  (the reference saves and restores its ``_full_state``, Adam's moments included, around
+  each evaluation task). SGD has no state, so with SGD ``carry`` is ``reset``. The scan
+  is sequential by nature: with several devices the meta-batch's tasks are gathered and
+  run one after the other, not in parallel.
+- ``reset``: a fresh optimizer state for every task, at training and at test; the tasks
+  of a meta-batch are then independent and trained in parallel (``vmap``);
+  ``algo_state`` is ``()``.
+
+Adam here is TensorFlow 1's ``AdamOptimizer`` with beta1 = 0 (supervised_reptile/models.py):
+v <- v + (1 - b2)(g^2 - v), w <- w - lr * sqrt(1 - b2^t) * g / (sqrt(v) + eps), with
+b2 = 0.999, eps = 1e-8 and t counting every inner step taken with this state. With
+beta1 = 0 the first moment is the current gradient, so the state is (b2^t, v). SGD has
+no state.
+
+Inner loss (``algo.inner_loss``): the batch's ``mean`` loss, or its ``sum``
+(supervised-reptile minimises the vector of per-example cross-entropies, i.e. their sum).
+Adam is nearly invariant to the scale of the loss, but with a carried state the scale of
+the training batches' gradients (``inner_batch_size`` examples) sets the v that the test
+batches (``inner_batch_size_test``) are divided by, so the choice matters.
+
+Training examples (``algo.train_shots``): a meta-training task's k_shot + k_query
+examples per class (per task for regression) are split: the first ``train_shots`` train the
+inner loop (the reference's ``--train-shots``), the rest are held out, and the reported
+``loss`` and metric are the adapted weights' on the held-out examples, which the
+adaptation never saw. With ``train_shots`` null the older behaviour: ``train_on_query``
+true trains on support + query and reports the query loss (seen in training, so not
+an honest estimate), false trains on the support set and reports the query loss.
+At test time (``adapt``) the same optimizer runs on the support set with mini-batches of
+``inner_batch_size_test`` (null: ``inner_batch_size``).
 
 Mini-batches are drawn without replacement, epoch after epoch (a fresh permutation of D_tau
-per epoch); inner_batch_size 0 or >= |D_tau| means full-batch steps. The inner optimizer's
-state starts fresh for every task.
+per epoch, a batch may straddle two), as supervised-reptile's ``_mini_batches``;
+a batch size of 0 or >= |D_tau| means full-batch steps.
 
-State: meta_params = the model's parameter pytree; adapted = a pytree of the same shape.
+State: meta_params = the model's parameter pytree; adapted = a pytree of the same shape;
+algo_state = the inner optimizer's state (carry) or ``()`` (reset).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +78,39 @@ from jax import lax
 from metalearn.algos.base import MetaLearner, Problem
 from metalearn.tasks import Task
 
+PyTree = Any
+
+
+class AdamBeta1ZeroState(NamedTuple):
+    """TF1 Adam's state with beta1 = 0: b2_power = beta2 ** (steps taken), nu = v."""
+
+    b2_power: jax.Array
+    nu: PyTree
+
+
+def adam_beta1_zero(lr: float, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """TensorFlow 1's AdamOptimizer(beta1=0) as an optax transformation (see module doc)."""
+
+    def init(params: PyTree) -> AdamBeta1ZeroState:
+        leaves = jax.tree.leaves(params)
+        dtype = leaves[0].dtype if leaves else jnp.float32
+        return AdamBeta1ZeroState(jnp.ones((), dtype), jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads: PyTree, state: AdamBeta1ZeroState, params: PyTree = None) -> tuple[PyTree, Any]:
+        del params
+        power = state.b2_power * b2
+        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, grads)
+        step = lr * jnp.sqrt(1 - power)
+        updates = jax.tree.map(lambda g, v: -step * g / (jnp.sqrt(v) + eps), grads, nu)
+        return updates, AdamBeta1ZeroState(power, nu)
+
+    return optax.GradientTransformation(init, update)
+
 
 def inner_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """The task-level optimizer: "sgd", or "adam" with beta1 = 0 (the Reptile paper's)."""
     if name == "adam":
-        return optax.adam(lr, b1=0.0, b2=0.999, eps=1e-8)
+        return adam_beta1_zero(lr)
     if name == "sgd":
         return optax.sgd(lr)
     raise ValueError(f"unknown inner optimizer {name!r}")
@@ -60,53 +124,131 @@ def minibatch_indices(key: jax.Array, n: int, batch: int, steps: int) -> jax.Arr
     return perms.reshape(-1)[: steps * batch].reshape(steps, batch)
 
 
+def split_examples(task: Task, ways: int, train_shots: int) -> tuple[jax.Array, ...]:
+    """(train_x, train_y, held_x, held_y): per class, the first ``train_shots`` of its
+    support + query examples, and the rest. Examples are class-major (``ways`` classes;
+    1 for regression); the outputs are class-major too."""
+
+    def per_class(a: jax.Array) -> jax.Array:
+        return a.reshape((ways, -1) + a.shape[1:])
+
+    def flat(a: jax.Array) -> jax.Array:
+        return a.reshape((-1,) + a.shape[2:])
+
+    x = jnp.concatenate([per_class(task.support_x), per_class(task.query_x)], axis=1)
+    y = jnp.concatenate([per_class(task.support_y), per_class(task.query_y)], axis=1)
+    return (
+        flat(x[:, :train_shots]),
+        flat(y[:, :train_shots]),
+        flat(x[:, train_shots:]),
+        flat(y[:, train_shots:]),
+    )
+
+
 def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_optimizer, inner_lr, inner_steps, inner_batch_size, train_on_query)."""
+    """cfg: AlgoConfig (inner_optimizer, inner_lr, inner_steps, inner_batch_size,
+    inner_batch_size_test, train_shots, train_on_query, inner_state, inner_loss)."""
     model, source = problem.model, problem.source
     opt = inner_optimizer(cfg.inner_optimizer, cfg.inner_lr)
+    # SGD has no state to carry; its tasks stay independent (and vmapped) either way.
+    carry = getattr(cfg, "inner_state", "reset") == "carry" and cfg.inner_optimizer != "sgd"
+    loss_sum = getattr(cfg, "inner_loss", "mean") == "sum"
+    train_shots = getattr(cfg, "train_shots", None)
+    test_batch = getattr(cfg, "inner_batch_size_test", None)
+    test_batch = cfg.inner_batch_size if test_batch is None else test_batch
+    ways = source.output_dim if source.kind == "classification" else 1
 
-    def train(params: Any, x: jax.Array, y: jax.Array, key: jax.Array, steps: int) -> Any:
-        """``steps`` optimizer steps on (x, y) from ``params``; x: (N, *input)."""
+    def batch_loss(p: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+        loss = problem.loss(p, x, y)
+        return loss * x.shape[0] if loss_sum else loss
+
+    def train(
+        params: PyTree, opt_state: Any, x: jax.Array, y: jax.Array, key: jax.Array, steps: int, batch: int
+    ) -> tuple[PyTree, Any]:
+        """``steps`` optimizer steps on (x, y) from ``params`` and ``opt_state``."""
         if steps == 0:
-            return params
+            return params, opt_state
+        x, y = jnp.asarray(x), jnp.asarray(y)
         n = x.shape[0]
-        batch = n if cfg.inner_batch_size == 0 else min(cfg.inner_batch_size, n)
+        batch = n if batch == 0 else min(batch, n)
         # Full-batch steps need no sampling; gathering would only copy the data.
         idx = None if batch == n else minibatch_indices(key, n, batch, steps)
 
-        def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], None]:
-            p, opt_state = carry
+        def step(carry: tuple[PyTree, Any], i: jax.Array) -> tuple[tuple[PyTree, Any], None]:
+            p, s = carry
             bx, by = (x, y) if idx is None else (x[idx[i]], y[idx[i]])
-            g = jax.grad(problem.loss)(p, bx, by)
-            updates, opt_state = opt.update(g, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), None
+            updates, s = opt.update(jax.grad(batch_loss)(p, bx, by), s, p)
+            return (optax.apply_updates(p, updates), s), None
 
-        (params, _), _ = lax.scan(step, (params, opt.init(params)), jnp.arange(steps))
-        return params
+        (params, opt_state), _ = lax.scan(step, (params, opt_state), jnp.arange(steps))
+        return params, opt_state
 
-    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
-        return train(params, support_x, support_y, key, steps)
+    def init_state(params: PyTree) -> Any:
+        return opt.init(params) if carry else ()
 
-    def task_update(params: Any, task: Task, key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+    def adapt_stateful(
+        params: PyTree, algo_state: Any, x: jax.Array, y: jax.Array, key: jax.Array, steps: int
+    ) -> PyTree:
+        start = algo_state if carry else opt.init(params)
+        adapted, _ = train(params, start, x, y, key, steps, test_batch)
+        return adapted
+
+    def adapt(params: PyTree, x: jax.Array, y: jax.Array, key: jax.Array, steps: int) -> PyTree:
+        return adapt_stateful(params, init_state(params), x, y, key, steps)
+
+    def examples(task: Task) -> tuple[jax.Array, ...]:
+        if train_shots is not None:
+            return split_examples(task, ways, train_shots)
         x, y = task.support_x, task.support_y
         if cfg.train_on_query:
             x = jnp.concatenate([x, task.query_x])
             y = jnp.concatenate([y, task.query_y])
-        adapted = train(params, x, y, key, cfg.inner_steps)
-        pred = model.apply(adapted, task.query_x)
-        return adapted, source.loss(pred, task.query_y), source.metric(pred, task.query_y)
+        return x, y, task.query_x, task.query_y
 
-    def meta_grad(params: Any, tasks: Task, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    def task_update(params: PyTree, opt_state: Any, task: Task, key: jax.Array) -> tuple[Any, ...]:
+        x, y, held_x, held_y = examples(task)
+        adapted, opt_state = train(params, opt_state, x, y, key, cfg.inner_steps, cfg.inner_batch_size)
+        pred = model.apply(adapted, held_x)
+        return adapted, opt_state, source.loss(pred, held_y), source.metric(pred, held_y)
+
+    def meta_grad_stateful(
+        params: PyTree, algo_state: Any, tasks: Task, key: jax.Array, step: jax.Array
+    ) -> tuple[PyTree, Any, dict[str, jax.Array]]:
+        del step  # the meta step size's decay is the outer optimizer's schedule
         keys = jax.random.split(key, tasks.support_x.shape[0])
-        adapted, losses, metric = jax.vmap(task_update, in_axes=(None, 0, 0))(params, tasks, keys)
+        if carry:
+
+            def one(state: Any, task_key: tuple[Task, jax.Array]) -> tuple[Any, tuple[Any, ...]]:
+                adapted, state, loss, metric = task_update(params, state, *task_key)
+                return state, (adapted, loss, metric)
+
+            algo_state, (adapted, losses, metric) = lax.scan(one, algo_state, (tasks, keys))
+        else:
+            adapted, _, losses, metric = jax.vmap(task_update, in_axes=(None, None, 0, 0))(
+                params, opt.init(params), tasks, keys
+            )
         # Pseudo-gradient phi - mean_tau W_tau; an outer SGD step of size eps moves phi by
         # eps * (mean W - phi).
         grads = jax.tree.map(lambda p, w: p - jnp.mean(w, axis=0), params, adapted)
         loss = jnp.mean(losses)
-        return grads, {"loss": loss, source.metric_name: jnp.mean(metric)}
+        return grads, algo_state, {"loss": loss, source.metric_name: jnp.mean(metric)}
 
-    def predict(params: Any, adapted: Any, x: jax.Array) -> jax.Array:
+    def meta_grad(params: PyTree, tasks: Task, key: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
+        """From a fresh inner-optimizer state (the trainer uses meta_grad_stateful)."""
+        no_step = jnp.zeros((), jnp.int32)
+        grads, _, metrics = meta_grad_stateful(params, init_state(params), tasks, key, no_step)
+        return grads, metrics
+
+    def predict(params: PyTree, adapted: PyTree, x: jax.Array) -> jax.Array:
         del params
         return model.apply(adapted, x)
 
-    return MetaLearner(init=model.init, meta_grad=meta_grad, adapt=adapt, predict=predict)
+    return MetaLearner(
+        init=model.init,
+        meta_grad=meta_grad,
+        adapt=adapt,
+        predict=predict,
+        init_state=init_state,
+        meta_grad_stateful=meta_grad_stateful,
+        adapt_stateful=adapt_stateful,
+    )
