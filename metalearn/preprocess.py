@@ -296,11 +296,11 @@ def describe_applied(done: dict, record: dict) -> str:
         parts.append(f"converted from {done['channels_from']} channel(s)")
     reason = {
         "auto": {
-            "light_on_dark": "light background, run trained light on dark",
-            "dark_on_light": "dark background, run trained dark on light",
-        }.get(record.get("polarity"), "run has no polarity"),
-        "true": "preprocess.invert=true",
-        "false": "preprocess.invert=false",
+            "light_on_dark": "invert=auto: those with a light background; the run's data is light on dark",
+            "dark_on_light": "invert=auto: those with a dark background; the run's data is dark on light",
+        }.get(record.get("polarity"), "invert=auto: the run's data has no polarity"),
+        "true": "invert=true",
+        "false": "invert=false",
     }[done["invert"]]
     parts.append(f"inverted {done['inverted']} ({reason})")
     return f"{done['images']} images: " + ", ".join(parts)

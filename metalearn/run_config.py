@@ -118,7 +118,7 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
             if "dataset.channels" not in explicit and new.name == "image_folder":
                 new.channels = int(c)
         stored.dataset = new
-    cross = group_dataset or stored.dataset.name != train_dataset.name
+    cross = not regression and (group_dataset or stored.dataset.name != train_dataset.name)
     if not cross and stored.dataset.name == "image_folder":
         cross = str(stored.dataset.path) != str(train_dataset.path)
 
@@ -160,7 +160,15 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
             "evaluated (eval.split=test)"
         )
     invert_setting(stored.preprocess.invert)
-    validate(stored)
+    if command == "predict":
+        # predict never reads the training data: check everything but where that data is.
+        check = OmegaConf.create(OmegaConf.to_container(stored))
+        check.dataset.manual_dir = None
+        if check.dataset.name == "image_folder":
+            check.dataset.path = str(run_dir)
+        validate(check)
+    else:
+        validate(stored)
     return RunConfig(stored, train_dataset, cross, record, note)
 
 

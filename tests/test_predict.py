@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from metalearn.checkpoint import CheckpointMismatch, load_checkpoint, restore_latest
+from metalearn.crossdomain import cross_domain_source
 from metalearn.errors import ConfigError, DataError
 from metalearn.evaluate import evaluate
 from metalearn.predict import run_predict
-from metalearn.preprocess import RECORD_NAME, read_image_files
+from metalearn.preprocess import RECORD_NAME, border_brightness, fit_images, read_image_files
 from metalearn.run_config import resolve
 from metalearn.tasks import TaskSource
 from metalearn.train import init_state, setup, train
@@ -187,15 +188,9 @@ def test_inverted_copy_predicts_like_training_polarity(folder_run, tmp_path):
     x_a, _ = read_image_files(files, record, "auto", "query")
     x_b, _ = read_image_files([inv / f.relative_to(new) for f in files], record, "auto", "query")
     assert np.abs(x_a.astype(int) - x_b.astype(int)).max() <= 1
-    # ...and without the record's polarity (preprocess.invert=false) it is not.
-    c = predict_in_process(
-        folder_run, tmp_path / "c", inv / "support", inv / "query", **{"preprocess.invert": "false"}
-    )
-    assert c["applied"]["query"]["inverted"] == 0
-    rows_c = read_rows(tmp_path / "c")
-    assert not np.allclose(
-        [float(r["probability"]) for r in rows_a], [float(r["probability"]) for r in rows_c]
-    )
+    # ...and without the record's polarity (preprocess.invert=false) it is far from it.
+    x_c, done = read_image_files([inv / f.relative_to(new) for f in files], record, "false", "query")
+    assert done["inverted"] == 0 and np.abs(x_a.astype(int) - x_c.astype(int)).mean() > 100
 
 
 def test_predict_mismatches_are_one_line(folder_run, tmp_path):
@@ -255,7 +250,7 @@ def test_cross_domain_eval_uses_a_whole_folder(folder_run, tmp_path):
     for c in range(4):
         write_class(other / f"k{c}", 70 + c, 4)
     inv = inverted_copy(other, tmp_path / "other_inverted")
-    results = []
+    runs = []
     for folder in (other, inv):
         overrides = [f"run_dir={folder_run}", "dataset=image_folder", f"dataset.path={folder}"]
         composed = make_cfg(
@@ -264,16 +259,20 @@ def test_cross_domain_eval_uses_a_whole_folder(folder_run, tmp_path):
         run = resolve(folder_run, overrides, composed, "eval")
         assert run.cross_domain and run.cfg.dataset.image_size == SIZE and run.cfg.dataset.channels == 1
         assert (run.cfg.dataset.n_way, run.cfg.dataset.k_shot, run.cfg.dataset.k_query) == (3, 1, 2)
-        results.append(evaluate(run.cfg, tmp_path / folder.name / "eval", run))
-    a, b = results
+        runs.append(run)
+    # The inverted copy becomes the originals' input (up to LANCZOS rounding).
+    (src_a, info_a), (src_b, info_b) = (cross_domain_source(r.cfg, r.record, say=print) for r in runs)
+    assert info_a["applied"]["inverted"] == 0 and info_b["applied"]["inverted"] == 16
+    x_a, x_b = (np.asarray(src.splits["test"]["images"], int) for src in (src_a, src_b))
+    assert x_a.shape == (16, SIZE, SIZE, 1) and np.abs(x_a - x_b).max() <= 1
+    a = evaluate(runs[1].cfg, tmp_path / "eval", runs[1])
     assert a["dataset"] == "image_folder" and a["train_dataset"] == "image_folder"
     assert a["cross_domain"]["trained_on"]["path"] == str(folder_run.parent / "train_set")
-    assert a["cross_domain"]["evaluated_on"]["path"] == str(other)
+    assert a["cross_domain"]["evaluated_on"]["path"] == str(inv)
     assert a["cross_domain"]["evaluated_on"]["classes"] == 4  # the whole folder is the test split
-    assert a["cross_domain"]["evaluated_on"]["applied"]["inverted"] == 0
-    assert b["cross_domain"]["evaluated_on"]["applied"]["inverted"] == 16
-    assert a["test"]["n_tasks"] == 10
-    assert abs(a["test"]["mean"] - b["test"]["mean"]) <= 0.05  # same images up to rounding
+    assert a["cross_domain"]["evaluated_on"]["applied"]["inverted"] == 16
+    assert a["cross_domain"]["preprocessing"]["polarity"] == "light_on_dark"
+    assert a["test"]["n_tasks"] == 10 and (tmp_path / "eval" / "results.json").is_file()
 
 
 def test_cli_predict_and_n_way_mismatch(folder_run, tmp_path):
@@ -301,3 +300,44 @@ def test_cli_predict_and_n_way_mismatch(folder_run, tmp_path):
     assert "Traceback" not in bad.stdout and _snapshot(folder_run) == before
     assert not (folder_run / "eval").exists()
     assert os.listdir(folder_run / "predict") == [out.name]
+
+
+def test_fit_images_converts_resizes_and_inverts():
+    """Against PIL directly: RGB 32x32 -> L 16x16 (LANCZOS); a light border is inverted."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 3, 32, 32, 3), dtype=np.uint8)  # (classes, per class, ...)
+    images[1, :, :12] = 250  # light top rows: a light border ring for class 1's images
+    record = {"size": [16, 16], "channels": 1, "polarity": "light_on_dark"}
+    out, done = fit_images(images, record, "auto")
+    expected = np.stack(
+        [
+            np.asarray(Image.fromarray(img).convert("L").resize((16, 16), Image.Resampling.LANCZOS))
+            for img in images.reshape(-1, 32, 32, 3)
+        ]
+    )[..., None]
+    light = border_brightness(expected) > 127.5
+    assert light.reshape(2, 3)[1].all()
+    expected[light] = 255 - expected[light]
+    assert out.shape == (2, 3, 16, 16, 1) and done["resized_from"] == [32, 32] and done["channels_from"] == 3
+    np.testing.assert_array_equal(out.reshape(-1, 16, 16, 1), expected)
+    assert done["inverted"] == int(light.sum())
+    ring = np.ones((16, 16), bool)
+    ring[1:15, 1:15] = False
+    np.testing.assert_allclose(border_brightness(expected[:1]), expected[0, ring].mean())
+    assert fit_images(images, record, "true")[1]["inverted"] == 6
+    assert fit_images(images, dict(record, polarity=None), "auto")[1]["inverted"] == 0
+
+
+def test_cross_domain_eval_on_another_dataset(folder_run, scaled_mini_imagenet, tmp_path):
+    """A 16x16 greyscale run on (synthetic) mini-ImageNet's test classes: 84x84 RGB made 16x16 L."""
+    manual, data = scaled_mini_imagenet
+    overrides = [f"run_dir={folder_run}", "dataset=mini_imagenet", f"dataset.manual_dir={manual}"]
+    composed = make_cfg(dataset={"name": "mini_imagenet", "manual_dir": str(manual), "image_size": 84})
+    run = resolve(folder_run, overrides, composed, "eval")
+    run.cfg.dataset.data_dir = str(data)
+    assert run.cfg.dataset.image_size == SIZE and run.cfg.dataset.n_way == 3
+    results = evaluate(run.cfg, tmp_path / "eval", run)
+    assert results["dataset"] == "mini_imagenet" and results["train_dataset"] == "image_folder"
+    evaluated = results["cross_domain"]["evaluated_on"]
+    assert evaluated["classes"] == 5 and evaluated["images"] == 100
+    assert evaluated["applied"]["channels_from"] == 3 and 0 <= results["test"]["mean"] <= 1
