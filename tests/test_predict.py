@@ -341,3 +341,46 @@ def test_cross_domain_eval_on_another_dataset(folder_run, scaled_mini_imagenet, 
     evaluated = results["cross_domain"]["evaluated_on"]
     assert evaluated["classes"] == 5 and evaluated["images"] == 100
     assert evaluated["applied"]["channels_from"] == 3 and 0 <= results["test"]["mean"] <= 1
+
+
+def test_runs_without_a_record_get_one_derived(tmp_path):
+    """Runs trained before preprocessing.json existed: derived from the stored config, with a note."""
+    from metalearn.preprocess import load_record
+
+    cfg = make_cfg(dataset={"name": "omniglot", "n_way": 5, "image_size": 28})
+    record, note = load_record(tmp_path, cfg)
+    assert "has no preprocessing.json" in note and record["recorded"].startswith("derived")
+    assert record["input_shape"] == [28, 28, 1] and record["outputs"] == 5
+    assert record["polarity"] == "light_on_dark" and record["channels"] == 1
+    folder = make_cfg(dataset={"name": "image_folder", "n_way": 4, "image_size": 32, "channels": 3})
+    record, _ = load_record(tmp_path, folder)
+    assert record["input_shape"] == [32, 32, 3] and record["polarity"] is None
+    (tmp_path / RECORD_NAME).write_text('{"kind": "image"}')
+    with pytest.raises(DataError, match="cannot read .*preprocessing.json"):
+        load_record(tmp_path, cfg)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "caml", "reptile", "adml"])
+def test_every_adapting_algorithm_predicts(algo):
+    """predict's adapt-then-predict path for each algorithm (a sinusoid MLP at initialisation),
+    against adapt_with and predict called directly."""
+    from metalearn.predict import _problem, adapt_and_predict
+
+    cfg = make_cfg(algo={"name": algo, "inner_steps_test": 2}, model={"hidden": [8]})
+    record = {"kind": "regression", "input_shape": [1], "outputs": 1}
+    exp = _problem(cfg, record)
+    state = init_state(exp, 0)
+    sx = np.linspace(-3, 3, 5, dtype=np.float32)[:, None]
+    sy, qx = np.sin(sx), np.linspace(-4, 4, 7, dtype=np.float32)[:, None]
+    got = adapt_and_predict(exp, state, sx, sy, qx, 2, seed=0)
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    adapted = exp.algo.adapt_with(state.params, state.algo_state, sx, sy, key, 2)
+    want = np.asarray(exp.algo.predict(state.params, adapted, qx))
+    assert got.shape == (7, 1) and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    unadapted = np.asarray(
+        exp.algo.predict(
+            state.params, exp.algo.adapt_with(state.params, state.algo_state, sx, sy, key, 0), qx
+        )
+    )
+    assert not np.allclose(got, unadapted)  # the support set was used
