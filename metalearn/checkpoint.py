@@ -15,18 +15,21 @@ Run dirs of older versions hold a single ``checkpoint.msgpack``; it is still rea
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from metalearn.errors import DataError
+from metalearn.errors import ConfigError, DataError
 
 CHECKPOINT_DIR = "checkpoints"
 LEGACY_NAME = "checkpoint.msgpack"
@@ -123,6 +126,99 @@ def _check_like(restored: Any, template: Any, step: int) -> None:
         raise ValueError(f"holds step {int(restored.step)}")
 
 
+class CheckpointMismatch(ConfigError):
+    """An intact checkpoint whose arrays have other shapes than this config's model: the config
+    differs from the run's (e.g. ``dataset.n_way``). Never treated as damage; nothing is set aside."""
+
+
+@contextlib.contextmanager
+def _quiet_restore():
+    """Keep orbax/tensorstore noise off the terminal while reading a checkpoint: absl and asyncio
+    log records below ERROR, and the "exception ignored" reports of its failed read coroutines
+    (collected before leaving, so they do not surface later)."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "orbax")]
+    levels = [lg.level for lg in loggers]
+    previous_hook = sys.unraisablehook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous_hook
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _stored_param_shapes(step_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """``{"head/kernel": shape}`` of the parameters in an orbax step, from its metadata (no array
+    is read); None when the metadata cannot be read (then the restore itself decides)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with _quiet_restore():
+            meta = ocp.StandardCheckpointer().metadata((step_dir / "default").resolve())
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+        params = tree["params"] if isinstance(tree, dict) else None
+    except Exception:  # unreadable metadata: not our call to make here
+        return None
+    if params is None:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, (*path, str(i)))
+        elif hasattr(node, "shape"):
+            shapes["/".join(path)] = tuple(int(d) for d in node.shape)
+
+    walk(params, ())
+    return shapes
+
+
+def check_params_fit(step_dir: Path, template: Any) -> None:
+    """CheckpointMismatch naming the first parameter whose stored shape differs from the
+    template's (or that one side lacks); nothing if they fit or the metadata is unreadable."""
+    stored = _stored_param_shapes(step_dir)
+    if stored is None or not hasattr(template, "params"):
+        return
+    wanted = {
+        "/".join(_key_name(k) for k in path): tuple(np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(template.params)[0]
+    }
+    hint = (
+        "a setting that shapes the model (dataset.n_way, dataset.image_size, dataset.channels, "
+        "model.*) differs from the run's; the checkpoint is intact and was left as it is"
+    )
+    for name, shape in wanted.items():
+        if name not in stored:
+            raise CheckpointMismatch(
+                f"checkpoint {step_dir} has no parameter {name} of this config's model: {hint}"
+            )
+        if stored[name] != shape:
+            raise CheckpointMismatch(
+                f"checkpoint {step_dir} holds parameter {name} of shape {stored[name]} where this "
+                f"config's model has {shape}: {hint}"
+            )
+    extra = sorted(set(stored) - set(wanted))
+    if extra:
+        raise CheckpointMismatch(
+            f"checkpoint {step_dir} holds parameter {extra[0]} that this config's model lacks: {hint}"
+        )
+
+
 def _load_legacy(path: Path, template: Any) -> Any:
     from flax import serialization
 
@@ -139,8 +235,10 @@ def _load_legacy(path: Path, template: Any) -> Any:
 def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False) -> Any | None:
     """The newest checkpoint of run_dir that restores cleanly into ``template``'s shape.
 
-    A step that fails (truncated files, a half-written directory, wrong shapes) is reported
-    as a one-line warning and the next older one is tried. With ``quarantine`` (resume), a
+    A step that fails (truncated files, a half-written directory) is reported as a one-line
+    warning and the next older one is tried. An intact step whose parameters have other shapes
+    than the template's raises :class:`CheckpointMismatch` (a ConfigError) at once: the config
+    differs from the run's, the checkpoint is fine, and nothing is set aside. With ``quarantine`` (resume), a
     failed step directory is renamed to ``corrupt-<step>`` so that training can write that
     step again; nothing is deleted. Returns None if run_dir has no checkpoint at all;
     raises DataError if checkpoints exist but none is usable.
@@ -156,11 +254,18 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
     failures = []
     try:
         for step in steps:
+            step_dir = run_dir / CHECKPOINT_DIR / str(step)
             try:
-                _verify(run_dir / CHECKPOINT_DIR / str(step))
-                restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+                _verify(step_dir)
+                # An intact step of another shape is a config mismatch, not damage: raised as
+                # such, before any restore (whose failure would be noisy and look like damage).
+                check_params_fit(step_dir, template)
+                with _quiet_restore():
+                    restored = manager.restore(step, args=ocp.args.StandardRestore(template))
                 _check_like(restored, template, step)
                 return restored
+            except CheckpointMismatch:
+                raise
             except Exception as err:  # any read/parse failure means: not usable
                 reason = _first_line(err)
                 failures.append(f"step {step}: {reason}")

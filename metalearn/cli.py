@@ -17,7 +17,9 @@ USAGE = """usage: metalearn <command> [overrides] [hydra flags]
 
 commands:
   train      meta-train and evaluate (config: conf/config.yaml)
-  eval       evaluate a finished run: metalearn eval run_dir=<run dir> [overrides]
+  eval       evaluate a finished run: metalearn eval run_dir=<run dir> [dataset=<other dataset>] [overrides]
+  predict    adapt a run to labelled examples and classify files:
+             metalearn predict run_dir=<run dir> support=<class folders> query=<folder or files>
   reproduce  run a suite of experiment presets over seeds, then report (metalearn reproduce --help)
   report     aggregate a sweep dir (or any dir of runs) into a table and plots: metalearn report DIR
 
@@ -138,12 +140,20 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
         detail = f" ({_first_line(cause)})" if cause is not None else ""
         _fail(f"{_first_line(err)}{detail}")
         return
-    if config_name == "eval":
+    if config_name in ("eval", "predict"):
+        from metalearn.run_config import check_predict_paths, resolve
+
         if cfg.run_dir is None:
-            _fail("run_dir is required: metalearn eval run_dir=<a metalearn train run dir>")
+            _fail(f"run_dir is required: metalearn {config_name} run_dir=<a metalearn train run dir>")
         run_config = Path(cfg.run_dir) / ".hydra" / "config.yaml"
         if not run_config.is_file():
             _fail(f"invalid run_dir={cfg.run_dir!r}: no {run_config} (not a `metalearn train` run dir)")
+        try:
+            if config_name == "predict":
+                check_predict_paths(cfg)
+            resolve(cfg.run_dir, overrides, cfg, config_name)
+        except MetalearnError as err:
+            _fail(str(err))
         return
     try:
         validate(cfg)
@@ -179,9 +189,9 @@ def _remove_failed_output(out: Path, command) -> None:
 
     if (out / "results.json").exists() or has_checkpoint(out):
         return
-    if command is _eval_command:  # <run_dir>/eval/<time>/ is always new
+    if command in (_eval_command, _predict_command):  # <run_dir>/eval|predict/<time>/ is always new
         shutil.rmtree(out, ignore_errors=True)
-        if out.parent.name == "eval" and not any(out.parent.iterdir()):
+        if out.parent.name in ("eval", "predict") and not any(out.parent.iterdir()):
             out.parent.rmdir()
     elif _STATE["fresh_run_dir"]:
         shutil.rmtree(out, ignore_errors=True)
@@ -196,7 +206,7 @@ def _out_of_memory(err: Exception, command) -> Exception:
     detail = first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
     hint = (
         "lower eval.batch_size (tasks evaluated in parallel)"
-        if command is _eval_command
+        if command is not _train_command
         else "lower trainer.meta_batch_size, eval.batch_size (tasks evaluated in parallel) "
         "or set algo.remat=true"
     )
@@ -260,33 +270,23 @@ def _train_command(cfg) -> float:
 
 def _eval_command(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
 
-    from metalearn.config import Config
-    from metalearn.errors import ConfigError
     from metalearn.evaluate import evaluate
+    from metalearn.run_config import resolve
 
-    run_dir = Path(cfg.run_dir)
-    stored = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
-    OmegaConf.set_struct(stored, True)
-    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
-        key = override.get_key_element()
-        if key == "run_dir":
-            continue
-        if key == "attack":
-            # The attack is not part of the trained run, so its group may be chosen here:
-            # take the composed group (with any attack.* overrides already applied).
-            stored.attack = cfg.attack
-            continue
-        if "." not in key:
-            raise ConfigError(
-                f"cannot change config group {key!r} in eval: the run's own config is used; "
-                "override single keys (e.g. algo.inner_steps_test=10)"
-            )
-        OmegaConf.update(stored, key, override.value(), merge=True)
-    stored.run_dir = str(run_dir)
-    evaluate(stored, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run = resolve(cfg.run_dir, list(hc.overrides.task), cfg, "eval")
+    evaluate(run.cfg, hc.runtime.output_dir, run)
+
+
+def _predict_command(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from metalearn.predict import run_predict
+    from metalearn.run_config import resolve
+
+    hc = HydraConfig.get()
+    run_predict(resolve(cfg.run_dir, list(hc.overrides.task), cfg, "predict"), hc.runtime.output_dir)
 
 
 def _hydra_entry(config_name: str, command):
@@ -324,6 +324,7 @@ def _report_command(argv: list[str]) -> int:
 COMMANDS = {
     "train": ("config", _train_command),
     "eval": ("eval", _eval_command),
+    "predict": ("predict", _predict_command),
     "reproduce": (None, _reproduce_command),
     "report": (None, _report_command),
 }

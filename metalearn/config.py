@@ -188,6 +188,17 @@ class AttackConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """How `metalearn predict` and cross-domain `metalearn eval` treat new images, on top of
+    the run's recorded preprocessing (<run dir>/preprocessing.json; metalearn/preprocess.py).
+    invert: "auto" (invert an image whose polarity differs from the training data's, e.g. black
+    strokes on white for an Omniglot run; nothing for runs without a polarity), "true" (invert
+    every image) or "false" (never)."""
+
+    invert: str = "auto"
+
+
+@dataclass
 class PaperConfig:
     """A published number an experiment preset (conf/experiment/) reproduces. Informational:
     copied into results.json and shown next to ours by `metalearn reproduce` / `report`.
@@ -216,6 +227,13 @@ class Config:
     seed: int = 0
     # For `metalearn eval`: the training run to load. Unused by `metalearn train`.
     run_dir: str | None = None
+    # For `metalearn eval` and `predict`: how new images are preprocessed (see PreprocessConfig).
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    # For `metalearn predict`: the labelled examples (a folder with one subfolder per class, or
+    # a CSV of x,y for regression) and what to classify (a folder, class subfolders, a file or
+    # a list of files; a CSV of x for regression).
+    support: str | None = None
+    query: Any = None
 
 
 def register_configs() -> None:
@@ -423,6 +441,15 @@ def validate(cfg: Any) -> None:
         f">= 1 and <= dataset.k_query = {cfg.dataset.k_query}, or null",
     )
     need(e.split in ("train", "validation", "test"), "eval.split", e.split, "train, validation or test")
+
+    p = getattr(cfg, "preprocess", None)  # absent from configs of older runs
+    if p is not None:
+        need(
+            str(p.invert).lower() in ("auto", "true", "false"),
+            "preprocess.invert",
+            p.invert,
+            "auto, true or false",
+        )
 
     k = getattr(cfg, "attack", None)  # absent from hand-built configs of older code
     if k is not None:

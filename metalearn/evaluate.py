@@ -11,16 +11,33 @@ from metalearn.metrics import write_json
 from metalearn.train import evaluate_final, format_final, init_state, setup
 
 
-def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
+def evaluate(cfg: Any, out_dir: str | Path, run: Any = None) -> dict[str, Any]:
     """Evaluate the checkpoint in ``cfg.run_dir`` with the (possibly overridden) config ``cfg``.
 
     Writes results.json (same format as training's) to ``out_dir`` and returns it. With
     ``cfg.attack`` set (``attack=fgsm``/``pgd``) it also holds ``test_robust`` and ``attack``.
+    ``run`` (a :class:`metalearn.run_config.RunConfig`) marks a cross-domain evaluation: the
+    test classes of ``cfg.dataset`` in the run's recorded input form; results.json then also
+    holds ``train_dataset`` and ``cross_domain`` (both datasets, the preprocessing applied).
     """
     validate(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    exp = setup(cfg)
+    cross = None
+    if run is not None and run.cross_domain:
+        from metalearn.crossdomain import cross_domain_source, dataset_summary
+
+        if run.record_note:
+            print(f"metalearn: {run.record_note}", flush=True)
+        source, info = cross_domain_source(cfg, run.record)
+        exp = setup(cfg, source)
+        cross = {
+            "trained_on": dataset_summary(run.train_dataset),
+            "evaluated_on": {**dataset_summary(cfg.dataset), **info},
+            "preprocessing": run.record,
+        }
+    else:
+        exp = setup(cfg)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
     final = evaluate_final(
         exp,
@@ -42,6 +59,8 @@ def evaluate(cfg: Any, out_dir: str | Path) -> dict[str, Any]:
         "run_dir": str(cfg.run_dir),
         "paper": dict(cfg.paper) if "paper" in cfg else None,
     }
+    if cross is not None:
+        results.update(train_dataset=run.train_dataset.name, cross_domain=cross)
     write_json(out_dir / "results.json", results)
     print(
         f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "

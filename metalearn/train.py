@@ -30,6 +30,7 @@ from metalearn.errors import ConfigError, MetalearnError
 from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
+from metalearn.preprocess import record_run
 from metalearn.tasks import TaskSource, build_task_source
 
 PyTree = Any
@@ -600,6 +601,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         say(f"metalearn: {process_note}", flush=True)
     if exp.source.placement_note:
         say(f"metalearn: episodes {exp.source.placement_note}", flush=True)
+    if main:  # what predict and cross-domain eval will do to new data (metalearn/preprocess.py)
+        say(record_run(run_dir, cfg, exp.source), flush=True)
     writer = CheckpointWriter(run_dir, t.keep_checkpoints)
     bar = tqdm(
         total=t.steps, initial=start_step, disable=not (t.progress and main), unit="step", dynamic_ncols=True

@@ -86,6 +86,8 @@ __all__ = [
     "describe",
     "load_image_folder",
     "load_image_folder_with_names",
+    "load_test_folder",
+    "read_image",
     "split_counts",
 ]
 
@@ -430,3 +432,52 @@ def load_config(cfg: Any) -> dict[str, ClassImages]:
     return load_image_folder(
         cfg.path, cfg.data_dir, cfg.image_size, cfg.channels, list(cfg.split_ratios), cfg.split_seed
     )
+
+
+# ----------------------------------------------------------------------------- evaluation-only folders
+
+
+def read_image(file: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
+    """One image file as this module decodes it: uint8 (image_size, image_size, channels).
+
+    DataError (with the decoder's exception as ``__cause__``) if it cannot be decoded.
+    """
+    return _decode_image(Path(file), int(image_size), int(channels))
+
+
+def load_test_folder(
+    path: str | os.PathLike, image_size: int, channels: int
+) -> tuple[ClassImages, list[str], str]:
+    """A whole image folder as one evaluation split: ``(ClassImages, class names, where)``.
+
+    Flat layout (``DIR/<class>/<images>``): every class folder. Split layout
+    (``DIR/train|val|test/...``): its test folder only. No train or validation classes are
+    needed, and nothing is cached (the images are decoded on each call). ``where`` says which
+    folder was read.
+    """
+    if path is None or not str(path).strip():
+        raise DataError("dataset.path is not set; give the image folder, e.g. dataset.path=/data/my_images")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset.path {root} is not a directory")
+    root = root.resolve()
+    split_dirs = _split_layout_dirs(root)
+    folder = root if split_dirs is None else split_dirs["test"]
+    classes = _classes_in(folder)
+    if not classes:
+        raise DataError(
+            f"dataset.path {folder} has no class subfolders with image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    files = [class_dir / rel for _, class_dir, rels in classes for rel in rels]
+    images = np.empty((len(files), image_size, image_size, channels), np.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        for i, img in enumerate(pool.map(lambda f: _decode_image(f, image_size, channels), files)):
+            images[i] = img
+    counts = np.array([len(rels) for _, _, rels in classes], np.int64)
+    where = (
+        f"all {len(classes)} classes of {folder}"
+        if split_dirs is None
+        else f"{len(classes)} classes of {folder}"
+    )
+    return ClassImages(images, counts), [name for name, _, _ in classes], where
