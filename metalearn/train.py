@@ -559,9 +559,9 @@ class Preempted(MetalearnError):
 
 class _StopSignals:
     """While active, a first SIGTERM/SIGINT only sets ``signum``: the loop finishes the
-    current block of steps (:class:`_BlockLengths`), checkpoints it and stops. A second one exits at once. The previous
-    handlers are restored on exit. Does nothing outside the main thread, where Python
-    cannot install handlers."""
+    current block of steps (:class:`_BlockLengths`), checkpoints it and stops. A second
+    one exits at once. The previous handlers are restored on exit. Does nothing outside
+    the main thread, where Python cannot install handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
