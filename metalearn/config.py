@@ -153,6 +153,10 @@ class TrainerConfig:
     # A non-finite loss or gradient: "stop" (exit 2, last checkpoint kept) or "skip" (the
     # update is not applied; the step still advances and is counted in skipped_steps).
     on_nan: str = "stop"
+    # Meta-steps per compiled call (one host dispatch runs a block of steps; results are
+    # bitwise those of one step per call). 0: automatic (blocks of about 0.1 s, cut at log,
+    # validation and checkpoint steps); N: at most N per call; 1: one step per call.
+    steps_per_call: int = 0
     # Also write TensorBoard event files (run dir /tensorboard/); needs the `tensorboard`
     # extra (tensorboardX): pip install "metalearn[tensorboard]".
     tensorboard: bool = False
@@ -430,6 +434,7 @@ def validate(cfg: Any) -> None:
         )
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, ">= 1")
     need(t.on_nan in ("stop", "skip"), "trainer.on_nan", t.on_nan, "stop or skip")
+    need(t.steps_per_call >= 0, "trainer.steps_per_call", t.steps_per_call, ">= 0 (0: automatic)")
     need(t.distributed in ("auto", "on", "off"), "trainer.distributed", t.distributed, "auto, on or off")
     need(e.n_tasks >= 2, "eval.n_tasks", e.n_tasks, ">= 2 (a confidence interval needs two tasks)")
     need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")

@@ -34,6 +34,7 @@ it also holds for ``model.module.apply`` and for :func:`with_context`'s twin.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -157,8 +158,47 @@ class Conv1x1(nn.Module):
         return y.reshape(lead + y.shape[1:])
 
 
+def _normalize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """(x - mean) / sqrt(var + epsilon) over every axis but the last, and 1 / sqrt(...)."""
+    axes = tuple(range(x.ndim - 1))
+    centered = x - jnp.mean(x, axis=axes)
+    rstd = lax.rsqrt(jnp.mean(jnp.square(centered), axis=axes) + epsilon)
+    return centered * rstd, rstd
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_stat_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """Batch-statistics normalisation ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    The gradient is written out (the textbook BatchNorm backward: two reductions,
+    ``dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat))`` with ``g' = g * scale``)
+    instead of derived by autodiff from the forward pass, which makes fewer passes over
+    the activations; it is itself plain jax, so second-order MAML differentiates it again.
+    """
+    xhat, _ = _normalize(x, epsilon)
+    return xhat * scale + bias
+
+
+def _batch_stat_norm_fwd(x, scale, bias, epsilon):
+    xhat, rstd = _normalize(x, epsilon)
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _batch_stat_norm_bwd(epsilon, residuals, g):
+    del epsilon
+    xhat, rstd, scale = residuals
+    axes = tuple(range(g.ndim - 1))
+    gx = g * scale
+    dx = rstd * (gx - jnp.mean(gx, axis=axes) - xhat * jnp.mean(gx * xhat, axis=axes))
+    return dx, jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
+
+
+batch_stat_norm.defvjp(_batch_stat_norm_fwd, _batch_stat_norm_bwd)
+
+
 class BatchStatNorm(nn.Module):
-    """BatchNorm that always normalises with the current batch's statistics.
+    """BatchNorm that always normalises with the current batch's statistics
+    (:func:`batch_stat_norm`).
 
     x: (B, ..., F); mean and variance are taken over every axis but the last. A
     low-precision input (bf16) is normalised in float32 (statistics included) and the
@@ -172,12 +212,10 @@ class BatchStatNorm(nn.Module):
         low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
         if low_precision is not None:
             x = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(x, axis=axes)
-        var = jnp.mean(jnp.square(x - mean), axis=axes)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        y = (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        x, scale = _promote(x, scale)
+        y = batch_stat_norm(x, scale, bias.astype(scale.dtype), self.epsilon)
         return y if low_precision is None else y.astype(low_precision)
 
 

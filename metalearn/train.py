@@ -149,6 +149,7 @@ def make_meta_step(
 ):
     """Compile ``(state, data) -> (state, metrics)``: sample a batch of tasks on device,
     take the algorithm's meta-gradient, apply the outer optimizer. ``state`` is donated.
+    (The training loop runs the same step in blocks, :func:`make_meta_block`.)
 
     When the source samples on the host (``exp.source.host``), the second argument is
     instead the step's batch of gathered episodes from :class:`HostPrefetcher` (uint8
@@ -167,9 +168,28 @@ def make_meta_step(
     """
     mesh = task_mesh() if mesh is None else mesh
     check_meta_batch(meta_batch_size, mesh)
+    replicated, data_sharding = _step_shardings(exp, mesh)
+    meta_step = _meta_step_fn(exp, meta_batch_size, skip_nonfinite, mesh)
+    # Fixed shardings (one sharding is a prefix for a whole pytree): the output state has
+    # exactly the input's layout, so donation reuses its buffers and the next call hits the
+    # same compiled executable.
+    return jax.jit(
+        meta_step,
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+def _step_shardings(exp: Experiment, mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, the data argument's sharding) of a meta-step on ``mesh``."""
     replicated = NamedSharding(mesh, P())
+    return replicated, replicated if exp.source.host is None else NamedSharding(mesh, P(TASK_AXIS))
+
+
+def _meta_step_fn(exp: Experiment, meta_batch_size: int, skip_nonfinite: bool, mesh: Mesh):
+    """The traceable body of one meta-step (see :func:`make_meta_step`)."""
     host = exp.source.host
-    data_sharding = replicated if host is None else NamedSharding(mesh, P(TASK_AXIS))
 
     def meta_step(state: TrainState, data: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.key, state.step)
@@ -196,12 +216,54 @@ def make_meta_step(
             skipped = skipped + (~ok).astype(skipped.dtype)
         return TrainState(state.step + 1, params, opt_state, state.key, skipped, algo_state), metrics
 
-    # Fixed shardings (one sharding is a prefix for a whole pytree): the output state has
-    # exactly the input's layout, so donation reuses its buffers and the next call hits the
-    # same compiled executable.
+    return meta_step
+
+
+def make_meta_block(
+    exp: Experiment,
+    meta_batch_size: int,
+    skip_nonfinite: bool = False,
+    mesh: Mesh | None = None,
+    max_steps: int = 1,
+):
+    """Compile ``(state, data, n) -> (state, metrics)``: ``n`` consecutive meta-steps of
+    :func:`make_meta_step` (1 <= n <= ``max_steps``) in one call, so the host dispatches
+    once per block instead of once per step. ``n`` is traced (a ``fori_loop`` with a
+    dynamic trip count), so every block length runs the same compiled executable, and the
+    steps are bitwise those of n one-step calls: each samples from fold_in(key, step) and
+    applies the ``skip_nonfinite`` rule on its own.
+
+    ``metrics`` holds each metric stacked over ``max_steps`` rows; row i is step i of the
+    block, rows >= n are NaN (0 for integer metrics). ``state`` is donated.
+
+    Episodes gathered on the host (``exp.source.host``): ``data`` is one step's batch, so
+    ``max_steps`` must be 1.
+    """
+    mesh = task_mesh() if mesh is None else mesh
+    check_meta_batch(meta_batch_size, mesh)
+    if max_steps < 1 or (exp.source.host is not None and max_steps != 1):
+        raise ValueError(f"max_steps={max_steps}: must be >= 1, and 1 with host-gathered episodes")
+    replicated, data_sharding = _step_shardings(exp, mesh)
+    meta_step = _meta_step_fn(exp, meta_batch_size, skip_nonfinite, mesh)
+
+    def empty(s: jax.ShapeDtypeStruct) -> jax.Array:
+        fill = jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0
+        return jnp.full((max_steps, *s.shape), fill, s.dtype)
+
+    def block(state: TrainState, data: PyTree, n: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        history = jax.tree.map(empty, jax.eval_shape(meta_step, state, data)[1])
+
+        def body(i: jax.Array, carry: tuple[TrainState, PyTree]) -> tuple[TrainState, PyTree]:
+            state, history = carry
+            state, metrics = meta_step(state, data)
+            history = jax.tree.map(lambda h, m: lax.dynamic_update_index_in_dim(h, m, i, 0), history, metrics)
+            return state, history
+
+        return lax.fori_loop(0, n, body, (state, history))
+
     return jax.jit(
-        meta_step,
-        in_shardings=(replicated, data_sharding),
+        block,
+        in_shardings=(replicated, data_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -386,11 +448,17 @@ def evaluate_params(
     n_tasks: int,
     inner_steps: int,
     algo_state: PyTree = (),
+    evaluator: Any = None,
 ) -> dict[str, Any]:
-    """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict."""
+    """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict.
+
+    ``evaluator``: the result of ``make_evaluator`` for these arguments, to reuse its
+    compilation (training validates with one evaluator); default: a new one."""
     stream = _VALIDATION_STREAM if split == "validation" else _TEST_STREAM
     k_query = getattr(cfg.eval, "k_query", None)
-    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query)
+    fn = evaluator or make_evaluator(
+        exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query
+    )
     values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
     return summarize(values, exp.source.metric_name)
 
@@ -447,8 +515,54 @@ def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
         )
 
 
-def _floats(metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _floats(history: dict[str, jax.Array], row: int) -> dict[str, float]:
+    """Row ``row`` (a step of the block) of a block's stacked metrics, as Python floats."""
+    return {k: float(v[row]) for k, v in jax.device_get(history).items()}
+
+
+# Automatic block length (trainer.steps_per_call=0): blocks of about this many seconds, so a
+# first SIGTERM/SIGINT is acted on within about that time, and at most this many steps.
+_BLOCK_SECONDS = 0.1
+_AUTO_MAX_STEPS = 1000
+
+
+def _next_boundary(step: int, t: Any) -> int:
+    """The first step after ``step`` at which the host must see the state: a log,
+    validation or checkpoint step, or the last step."""
+    periods = (t.log_every, t.val_every, t.checkpoint_every)
+    return min([t.steps] + [(step // p + 1) * p for p in periods if p])
+
+
+class _BlockLengths:
+    """How many meta-steps each compiled call runs (:func:`make_meta_block`).
+
+    A block never crosses a log, validation or checkpoint step or the last step, so
+    logging, validation, checkpoints and the on_nan check see exactly the states they saw
+    with one step per call. The first block is one step (its time is the compile time).
+    Blocks are at most ``max_steps`` long: trainer.steps_per_call, or with 0 (automatic)
+    the log period capped at ``_AUTO_MAX_STEPS``; host-gathered episodes take one step per
+    call. Automatic in a single process, blocks are also timed (each is waited for) and
+    sized to about ``_BLOCK_SECONDS``, which bounds the delay before a signal is acted
+    on; in a multi-process job signals are acted on at log steps only, so blocks run from
+    boundary to boundary and every process makes the same cuts.
+    """
+
+    def __init__(self, t: Any, host: bool, multi_process: bool):
+        cap = t.steps_per_call or _AUTO_MAX_STEPS
+        self.max_steps = 1 if host else max(1, min(cap, t.log_every, t.steps))
+        self.timed = t.steps_per_call == 0 and not multi_process and self.max_steps > 1
+        self._t, self._cap, self._first = t, self.max_steps, True
+
+    def length(self, step: int) -> int:
+        n = 1 if self._first else min(self._cap, _next_boundary(step, self._t) - step)
+        self._first = False
+        return n
+
+    def observe(self, steps: int, seconds: float) -> None:
+        """A timed block of ``steps`` steps took ``seconds`` from dispatch to result."""
+        per_step = seconds / steps
+        fit = int(_BLOCK_SECONDS / per_step) if per_step > 0 else self.max_steps
+        self._cap = max(1, min(self.max_steps, fit))
 
 
 class Preempted(MetalearnError):
@@ -462,9 +576,9 @@ class Preempted(MetalearnError):
 
 class _StopSignals:
     """While active, a first SIGTERM/SIGINT only sets ``signum``: the loop finishes the
-    current step, checkpoints it and stops. A second one exits at once. The previous
-    handlers are restored on exit. Does nothing outside the main thread, where Python
-    cannot install handlers."""
+    current block of steps (:class:`_BlockLengths`), checkpoints it and stops. A second
+    one exits at once. The previous handlers are restored on exit. Does nothing outside
+    the main thread, where Python cannot install handlers."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -578,7 +692,22 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     state = replicate(state, mesh)
     start_step = int(state.step)
     skip = t.on_nan == "skip"
-    meta_step = make_meta_step(exp, t.meta_batch_size, skip_nonfinite=skip, mesh=mesh)
+    multi_process = jax.process_count() > 1
+    blocks = _BlockLengths(t, host=exp.source.host is not None, multi_process=multi_process)
+    meta_block = make_meta_block(exp, t.meta_batch_size, skip, mesh, blocks.max_steps)
+    # Built once, so validation compiles once.
+    validator = (
+        make_evaluator(
+            exp,
+            t.val_tasks,
+            cfg.eval.batch_size,
+            cfg.algo.inner_steps_test,
+            split="validation",
+            k_query=getattr(cfg.eval, "k_query", None),
+        )
+        if t.val_every
+        else None
+    )
     if exp.source.host is None:
         # On every device once, instead of a host-to-device copy per step.
         train_data = replicate(exp.source.splits["train"], mesh)
@@ -609,15 +738,22 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     )
     start = last_time = time.perf_counter()
     last_step, compile_s = start_step, None
-    multi_process = jax.process_count() > 1
+    step = start_step
     try:
         with _StopSignals() as stop:
-            for step in range(start_step + 1, t.steps + 1):
-                state, metrics = meta_step(state, train_data if batches is None else next(batches))
+            while step < t.steps:
+                # A block of n meta-steps in one call; the host acts only at its last step.
+                n = blocks.length(step)
+                began = time.perf_counter()
+                state, history = meta_block(state, train_data if batches is None else next(batches), n)
+                step += n
                 if compile_s is None:
-                    jax.block_until_ready(metrics)
+                    jax.block_until_ready(history)
                     compile_s = time.perf_counter() - start
                     last_time, last_step = time.perf_counter(), step
+                elif blocks.timed:
+                    jax.block_until_ready(history)
+                    blocks.observe(n, time.perf_counter() - began)
                 log_due = step % t.log_every == 0 or step == t.steps
                 stopping = stop.signum is not None
                 if multi_process:
@@ -629,7 +765,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                 if log_due or checkpoint_due:
                     # The only host sync between logs. Every checkpoint follows this check
                     # of its own step, so a non-finite state never reaches disk.
-                    values = _floats(metrics)
+                    values = _floats(history, n - 1)
                     if skip:
                         values["skipped_steps"] = int(state.skipped)
                     else:
@@ -658,6 +794,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                         t.val_tasks,
                         cfg.algo.inner_steps_test,
                         state.algo_state,
+                        evaluator=validator,
                     )
                     logger.log(
                         {
@@ -681,7 +818,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                         f"resume with: {resume_command}",
                         stop.signum,
                     )
-                bar.update(1)
+                bar.update(n)
         bar.close()
         jax.block_until_ready(state)
         train_time = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Meta-step throughput: meta-steps/s, tasks/s, compile time and peak memory.
+"""Meta-step throughput: meta-steps/s, tasks/s, compile time, peak memory, and where each
+row stands against the hardware (a roofline).
 
 Runs the same jitted meta-step that `metalearn train` uses on synthetic data of each
 workload's shape (real data does not change the arithmetic). Timing excludes compilation
@@ -10,9 +11,23 @@ includes the Python process and the dataset); "XLA MB" is the compiled meta-step
 footprint from XLA's memory analysis (arguments + outputs + temporaries, minus donated
 buffers), which does not depend on the process.
 
+Roofline, per row: "GF/step" is the meta-step's floating-point operations from XLA's cost
+analysis of the compiled step (``jitted.lower(...).compile().cost_analysis()``; XLA counts
+a loop body once, so the count is taken on a copy of the step whose ``lax.scan`` loops are
+unrolled), "GF/s" the achieved rate (GF/step x steps/s) and "%peak" its fraction of the
+device's peak, measured at the start of the run by a large matmul of the compute dtype
+(or given with --peak-gflops). "%bw" is likewise XLA's "bytes accessed" per step x steps/s
+against a measured streaming bandwidth (an elementwise pass over a large array; or
+--peak-gbps). XLA's byte count assumes no cache reuse across its fused kernels, so %bw is
+an upper estimate of memory traffic.
+
+--steps-per-call N times blocks of N meta-steps per call (the training loop's
+``make_meta_block``) instead of one call per step; the gap shows the dispatch cost.
+
     python scripts/bench.py --quick                       # a small grid, a few minutes on CPU
     python scripts/bench.py --workloads omniglot_5w1s --algos maml,fomaml --inner-steps 1,5
     python scripts/bench.py --conv-impl im2col,xla --workloads omniglot_5w1s
+    python scripts/bench.py --workloads sinusoid --algos maml --steps-per-call 1,100
 
 Prints a table and appends JSON lines to --out (default outputs/bench/bench.jsonl).
 """
@@ -20,6 +35,7 @@ Prints a table and appends JSON lines to --out (default outputs/bench/bench.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import platform
@@ -30,12 +46,22 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 from omegaconf import OmegaConf
 
 from metalearn.config import Config
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import HostPrefetcher, init_state, make_meta_step, replicate, setup, task_mesh
+from metalearn.train import (
+    HostPrefetcher,
+    init_state,
+    make_meta_block,
+    make_meta_step,
+    replicate,
+    setup,
+    task_mesh,
+)
 
 # name -> (dataset overrides, model overrides, image shape or None, meta-batch size)
 WORKLOADS = {
@@ -87,6 +113,84 @@ def compiled_memory_bytes(compiled) -> int | None:
     )
 
 
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax versions
+    return cost or {}
+
+
+def _has_loops(jaxpr) -> tuple[bool, bool]:
+    """(has a ``scan`` of more than one iteration, has a ``while`` loop) anywhere in ``jaxpr``."""
+    scan = loop = False
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params.get("length", 1) > 1:
+            scan = True
+        if eqn.primitive.name == "while":
+            loop = True
+        for sub in jaxprs_in_params(eqn.params):
+            s, w = _has_loops(sub)
+            scan, loop = scan or s, loop or w
+    return scan, loop
+
+
+@contextlib.contextmanager
+def _unrolled_scans():
+    """Every ``lax.scan`` traced inside is fully unrolled (for counting FLOPs only)."""
+    scan = jax.lax.scan
+
+    def unrolled(f, init, xs=None, length=None, reverse=False, unroll=1, **kwargs):
+        return scan(f, init, xs, length=length, reverse=reverse, unroll=True, **kwargs)
+
+    jax.lax.scan = unrolled
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def step_cost(compiled, make_step, state, data) -> tuple[float | None, float | None, str]:
+    """(FLOPs, bytes accessed, how counted) of one meta-step from XLA's cost analysis of
+    ``compiled``, the step ``make_step()`` compiled for (state, data).
+
+    XLA's HloCostAnalysis counts the body of a loop once, whatever its trip count, so when
+    the step has scans (inner steps, PGD steps) the count is taken from a second compilation
+    with them unrolled. A remaining ``while`` loop makes the figure a lower bound."""
+    scan, loop = _has_loops(jax.make_jaxpr(make_step())(state, data).jaxpr)
+    if scan:
+        with _unrolled_scans():
+            compiled = make_step().lower(state, data).compile()
+    cost = _cost(compiled)
+    how = "xla" + (", scans unrolled" if scan else "") + (", lower bound (while loop)" if loop else "")
+    flops, nbytes = cost.get("flops"), cost.get("bytes accessed")
+    return (None if flops is None else float(flops)), (None if nbytes is None else float(nbytes)), how
+
+
+def _best_seconds(fn, arg, reps: int) -> tuple[float, object]:
+    arg = fn(arg)
+    jax.block_until_ready(arg)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        arg = fn(arg)
+        jax.block_until_ready(arg)
+        best = min(best, time.perf_counter() - start)
+    return best, arg
+
+
+def measure_peaks(dtype: str = "float32", reps: int = 10) -> tuple[float, float]:
+    """(FLOP/s of a large square matmul of ``dtype``, bytes/s of a streaming elementwise
+    pass over a large float32 array), best of ``reps`` timed calls on the default device."""
+    cpu = jax.default_backend() == "cpu"
+    n = 1024 if cpu else 8192
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype) / n**0.5
+    # a @ a repeated: the result stays of order one, and each call depends on the last.
+    seconds, _ = _best_seconds(jax.jit(lambda x: x @ a, donate_argnums=0), a + 0, reps)
+    flops = 2 * n**3 / seconds
+    x = jnp.ones((2**26 if cpu else 2**28,), jnp.float32)  # 256 MB / 1 GB, past every cache
+    seconds, _ = _best_seconds(jax.jit(lambda v: v * 0.5 + 0.5, donate_argnums=0), x, reps)
+    return flops, 2 * x.nbytes / seconds  # read and write
+
+
 def peak_memory_bytes() -> tuple[str, int]:
     """Peak device memory on an accelerator, else this process's peak RSS."""
     device = jax.devices()[0]
@@ -107,6 +211,9 @@ def bench_one(
     min_seconds: float,
     compute_dtype: str = "float32",
     placement: str = "device",
+    steps_per_call: int = 1,
+    peak_flops: float | None = None,
+    peak_bytes: float | None = None,
 ) -> dict:
     dataset, model, shape, default_batch = WORKLOADS[workload]
     cfg = OmegaConf.structured(Config)
@@ -126,7 +233,14 @@ def bench_one(
     exp = setup(cfg, source)
     mesh = task_mesh()  # all local devices, as in `metalearn train`
     state = init_state(exp, seed=0, mesh=mesh)
+    if source.host is not None and steps_per_call != 1:
+        raise SystemExit("bench: --steps-per-call > 1 needs placement=device (the loop's host path is 1)")
     step = make_meta_step(exp, batch, mesh=mesh)
+    if steps_per_call == 1:
+        run = step
+    else:  # blocks of steps_per_call steps per call, as the training loop runs them
+        block = make_meta_block(exp, batch, mesh=mesh, max_steps=steps_per_call)
+        run = lambda state, data: block(state, data, steps_per_call)  # noqa: E731
     if source.host is None:
         data = replicate(source.splits["train"], mesh)
         batches = None
@@ -137,21 +251,25 @@ def bench_one(
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
     xla_bytes = compiled_memory_bytes(compiled)
-    state, metrics = step(state, data)
+    state, metrics = run(state, data)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
+    flops, nbytes, counted = step_cost(compiled, lambda: make_meta_step(exp, batch, mesh=mesh), state, data)
 
     n, start = 0, time.perf_counter()
     while n < min_steps or time.perf_counter() - start < min_seconds:
-        state, metrics = step(state, data if batches is None else next(batches))
-        n += 1
-        if n % 10 == 0:  # bound the dispatch queue without syncing every step
+        state, metrics = run(state, data if batches is None else next(batches))
+        n += steps_per_call
+        if n % (10 * steps_per_call) == 0:  # bound the dispatch queue without syncing every call
             jax.block_until_ready(metrics)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
     if batches is not None:
         batches.close()
     kind, peak = peak_memory_bytes()
+    rate = n / elapsed
+    achieved = None if flops is None else flops * rate
+    traffic = None if nbytes is None else nbytes * rate
     return {
         "workload": workload,
         "algo": algo,
@@ -161,8 +279,18 @@ def bench_one(
         "remat": remat,
         "compute_dtype": compute_dtype,
         "placement": source.placement,
-        "steps_per_s": n / elapsed,
+        "steps_per_call": steps_per_call,
+        "steps_per_s": rate,
         "tasks_per_s": n * batch / elapsed,
+        "flops_per_step": flops,
+        "bytes_per_step": nbytes,
+        "flops_counted": counted,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak_flops,
+        "peak_fraction": None if achieved is None or not peak_flops else achieved / peak_flops,
+        "achieved_bytes_per_s": traffic,
+        "peak_bytes_per_s": peak_bytes,
+        "bandwidth_fraction": None if traffic is None or not peak_bytes else traffic / peak_bytes,
         "compile_s": compile_s,
         "timed_steps": n,
         "peak_memory_mb": peak / 2**20,
@@ -188,6 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="comma list of model.compute_dtype values")
     parser.add_argument(
         "--placement", default="device", help="comma list: device (sampled in the step) or host (prefetched)"
+    )
+    parser.add_argument(
+        "--steps-per-call", default="1", help="comma list: meta-steps per jitted call (blocks, as in train)"
+    )
+    parser.add_argument(
+        "--peak-gflops", type=float, help="the device's peak GFLOP/s for %%peak (default: measured, matmul)"
+    )
+    parser.add_argument(
+        "--peak-gbps", type=float, help="the device's memory bandwidth in GB/s for %%bw (default: measured)"
     )
     parser.add_argument(
         "--no-isolate", action="store_true", help="run every row in this process (peak memory is then shared)"
@@ -220,10 +357,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     header = (
         f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'batch':>5} {'remat':<5} "
-        f"{'dtype':<8} {'place':<6} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} "
-        f"{'peak MB':>9} {'XLA MB':>8}"
+        f"{'dtype':<8} {'place':<6} {'spc':>4} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} "
+        f"{'peak MB':>9} {'XLA MB':>8} {'GF/step':>9} {'GF/s':>8} {'%peak':>6} {'%bw':>6}"
     )
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
+    peaks = {}
+    for dtype in split(args.dtype):
+        flops, nbytes = measure_peaks(dtype)
+        flops = flops if args.peak_gflops is None else args.peak_gflops * 1e9
+        nbytes = nbytes if args.peak_gbps is None else args.peak_gbps * 1e9
+        peaks[dtype] = (flops, nbytes)
+        how_f = "given" if args.peak_gflops else "matmul, measured"
+        how_b = "given" if args.peak_gbps else "streaming, measured"
+        print(f"peak {dtype}: {flops / 1e9:.1f} GFLOP/s ({how_f}), {nbytes / 1e9:.1f} GB/s ({how_b})")
     print(header)
     specs = [
         dict(
@@ -237,8 +383,11 @@ def main(argv: list[str] | None = None) -> None:
             min_seconds=args.min_seconds,
             compute_dtype=dtype,
             placement=placement,
+            steps_per_call=spc,
+            peak_flops=peaks[dtype][0],
+            peak_bytes=peaks[dtype][1],
         )
-        for workload, algo, k, impl, mb, remat, dtype, placement in itertools.product(
+        for workload, algo, k, impl, mb, remat, dtype, placement, spc in itertools.product(
             split(args.workloads),
             split(args.algos),
             map(int, split(args.inner_steps)),
@@ -247,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             [r.lower() == "true" for r in split(args.remat)],
             split(args.dtype),
             split(args.placement),
+            map(int, split(args.steps_per_call)),
         )
         # the sinusoid MLP has no convolutions: one conv_impl is enough
         if not (
@@ -259,15 +409,23 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        xla = "-" if row["xla_memory_mb"] is None else f"{row['xla_memory_mb']:.0f}"
-        print(
-            f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
-            f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} {row['placement']:<6} "
-            f"{row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} {row['compile_s']:>9.1f} "
-            f"{row['peak_memory_mb']:>9.0f} {xla:>8}",
-            flush=True,
-        )
+        print(format_row(row), flush=True)
     print(f"appended {len(rows)} rows to {out}")
+
+
+def format_row(row: dict) -> str:
+    def num(value, fmt: str, scale: float = 1.0) -> str:
+        width = int("".join(c for c in fmt.split(".")[0] if c.isdigit()))
+        return f"{'-':>{width}}" if value is None else format(value * scale, fmt)
+
+    return (
+        f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
+        f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} {row['placement']:<6} "
+        f"{row['steps_per_call']:>4} {row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} "
+        f"{row['compile_s']:>9.1f} {row['peak_memory_mb']:>9.0f} {num(row['xla_memory_mb'], '>8.0f')} "
+        f"{num(row['flops_per_step'], '>9.4f', 1e-9)} {num(row['achieved_flops_per_s'], '>8.2f', 1e-9)} "
+        f"{num(row['peak_fraction'], '>6.1%')} {num(row['bandwidth_fraction'], '>6.1%')}"
+    )
 
 
 def _isolated(spec: dict) -> dict:
