@@ -43,12 +43,12 @@ class AlgoConfig:
     # step at test (null: inner_batch_size). The inner optimizer's state: "carry" (one
     # state through all tasks and into evaluation, as supervised-reptile; set in
     # conf/algo/reptile.yaml) or "reset" (fresh per task; the default here, so that runs
-    # made before this key existed load as they were trained). Inner loss over a batch:
-    # "mean" or "sum" (supervised-reptile minimises the sum of per-example cross-entropies).
+    # made before this key existed load as they were trained). Reptile's inner loss over a
+    # batch (algo.inner_loss below): "mean" or "sum" (supervised-reptile minimises the sum of
+    # per-example cross-entropies).
     train_shots: int | None = None
     inner_batch_size_test: int | None = None
     inner_state: str = "reset"
-    inner_loss: str = "mean"
     # ADML (conf/algo/adml.yaml): L-inf attack used to craft the adversarial support/query
     # sets during meta-training. attack_step_size null: 2.5 * eps / attack_steps (PGD only).
     eps: float = 0.1
@@ -58,6 +58,15 @@ class AlgoConfig:
     attack_random_start: bool = True
     # Craft the adversarial query against the clean-adapted parameters, not the meta-parameters.
     regenerate_adversarial: bool = False
+    # Loss reductions (README, "Contested details"): "mean" over the examples, or cbfinn/maml's
+    # "sum_over_shots" (each example's cross-entropy / K, summed: N x the mean on the support
+    # set). inner_loss: the adaptation loss (training and test); outer_loss: the query loss
+    # of the meta-objective. Classification only. Reptile takes "mean" or "sum" instead.
+    inner_loss: str = "mean"
+    outer_loss: str = "mean"
+    # false: BatchNorm parameters stay fixed in the inner loop (meta-learned only, as in
+    # cbfinn/maml); true: adapted with the other weights.
+    adapt_bn: bool = True
 
 
 @dataclass
@@ -105,6 +114,14 @@ class DatasetConfig:
     placement: str = "auto"
     # host placement: meta-batches prepared ahead of the accelerator.
     prefetch: int = 2
+    # Omniglot with rotations: "classes" (each 90-degree rotation of a character is a class of
+    # its split, so one task may hold two rotations of a character) or "per_task" (cbfinn/maml,
+    # data_generator.py: N distinct characters per task, each rotated by its own random
+    # multiple of 90 degrees).
+    rotation_sampling: str = "classes"
+    # Query examples per class of validation and test tasks; null: k_query (cbfinn/maml tests
+    # mini-ImageNet on K queries per class while training on 15).
+    k_query_test: int | None = None
 
 
 @dataclass
@@ -119,6 +136,19 @@ class ModelConfig:
     conv_impl: str = "im2col"
     # resnet12: channels of its four residual stages (each halves the resolution).
     channels: list[int] = field(default_factory=lambda: [64, 160, 320, 640])
+    # conv4: the head sees the last feature map "flatten"ed or averaged over space
+    # ("spatial_mean", cbfinn/maml's Omniglot network). resnet12 always averages.
+    head: str = "flatten"
+    # Initialiser of the head's kernel: lecun_normal (Flax default), glorot_uniform, or normal
+    # (N(0, 1), cbfinn/maml's Omniglot w5).
+    head_init: str = "lecun_normal"
+    # BatchNorm: a learned scale besides the offset (false: offset only, as cbfinn/maml's
+    # tf.contrib.layers.batch_norm), and the epsilon added to the variance (TF's default 1e-3).
+    bn_scale: bool = True
+    bn_epsilon: float = 1e-5
+    # Context-conditioned conv4 (CAML): FiLM before the max-pool ("pre_pool") or after it
+    # ("post_pool", CAVIA's classification/models.py).
+    film_position: str = "pre_pool"
     # Mixed precision: "bfloat16" computes activations and matmuls in bf16 while the
     # parameters, their gradients and the optimizer state stay float32.
     compute_dtype: str = "float32"
@@ -131,10 +161,16 @@ class OptimConfig:
     momentum: float = 0.0
     # Clip the meta-gradient to this global norm; null disables clipping.
     clip_norm: float | None = None
-    # "constant", "cosine" or "linear" (decays to lr * final_lr_fraction over trainer.steps).
+    # Clamp every meta-gradient entry to [-clip_value, clip_value] (cbfinn/maml mini-ImageNet
+    # and CAVIA: 10); null disables it. Applied before clip_norm.
+    clip_value: float | None = None
+    # "constant", "cosine" or "linear" (decays to lr * final_lr_fraction over trainer.steps),
+    # or "step" (lr * decay_rate ** floor(step / decay_every); CAVIA: 0.9 every 5000 steps).
     schedule: str = "constant"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0
+    decay_rate: float = 1.0
+    decay_every: int = 0
 
 
 @dataclass
@@ -278,7 +314,6 @@ def validate(cfg: Any) -> None:
     test_batch = a.inner_batch_size_test
     need(test_batch is None or test_batch >= 0, "algo.inner_batch_size_test", test_batch, ">= 0 or null")
     need(a.inner_state in ("carry", "reset"), "algo.inner_state", a.inner_state, "carry or reset")
-    need(a.inner_loss in ("mean", "sum"), "algo.inner_loss", a.inner_loss, "mean or sum")
     if a.train_shots is not None:
         per_class = cfg.dataset.k_shot + cfg.dataset.k_query
         need(
@@ -296,6 +331,18 @@ def validate(cfg: Any) -> None:
         a.attack_step_size,
         "> 0 or null",
     )
+    if a.name == "reptile":
+        need(a.inner_loss in ("mean", "sum"), "algo.inner_loss", a.inner_loss, "mean or sum for algo=reptile")
+    for key in ("outer_loss",) if a.name == "reptile" else ("inner_loss", "outer_loss"):
+        value = getattr(a, key, "mean")
+        need(value in ("mean", "sum_over_shots"), f"algo.{key}", value, "mean or sum_over_shots")
+        if value == "sum_over_shots":
+            need(
+                cfg.dataset.name != "sinusoid",
+                f"algo.{key}",
+                value,
+                "mean for regression (sum_over_shots divides a cross-entropy by the shots per class)",
+            )
 
     need(d.name in _DATASETS, "dataset.name", d.name, f"one of {list(_DATASETS)}")
     need(d.k_shot >= 1, "dataset.k_shot", d.k_shot, ">= 1")
@@ -314,6 +361,31 @@ def validate(cfg: Any) -> None:
             "auto, device or host",
         )
         need(d.prefetch >= 1, "dataset.prefetch", d.prefetch, ">= 1")
+        need(
+            d.rotation_sampling in ("classes", "per_task"),
+            "dataset.rotation_sampling",
+            d.rotation_sampling,
+            "classes or per_task",
+        )
+        if d.rotation_sampling == "per_task":
+            need(
+                d.name == "omniglot" and d.rotations,
+                "dataset.rotation_sampling",
+                d.rotation_sampling,
+                "classes unless dataset=omniglot with dataset.rotations=true",
+            )
+            need(
+                d.placement != "host",
+                "dataset.placement",
+                d.placement,
+                "auto or device with dataset.rotation_sampling=per_task (rotations are drawn on device)",
+            )
+        need(
+            d.k_query_test is None or d.k_query_test >= 1,
+            "dataset.k_query_test",
+            d.k_query_test,
+            ">= 1 or null",
+        )
         if d.name == "omniglot":
             need(
                 d.variant in _OMNIGLOT_CLASSES,
@@ -324,7 +396,8 @@ def validate(cfg: Any) -> None:
             # Episode shapes the real archives cannot hold fail here, before any data is read
             # (tasks.image_source checks the loaded arrays again, e.g. for custom archives).
             per_class = _OMNIGLOT_DRAWINGS
-            classes = _OMNIGLOT_CLASSES[d.variant] * (4 if d.rotations else 1)
+            rotated_classes = d.rotations and d.rotation_sampling == "classes"
+            classes = _OMNIGLOT_CLASSES[d.variant] * (4 if rotated_classes else 1)
             where = f"Omniglot {d.variant}, rotations={d.rotations}"
         elif d.name in _FIXED_DATASETS:
             per_class, classes = _FIXED_DATASETS[d.name]
@@ -361,6 +434,13 @@ def validate(cfg: Any) -> None:
                 d.k_shot + d.k_query,
                 f"<= {per_class} (images per class of {where})",
             )
+            if d.k_query_test is not None:
+                need(
+                    d.k_shot + d.k_query_test <= per_class,
+                    "dataset.k_shot + dataset.k_query_test",
+                    d.k_shot + d.k_query_test,
+                    f"<= {per_class} (images per class of {where})",
+                )
             need(
                 d.n_way <= classes,
                 "dataset.n_way",
@@ -387,6 +467,22 @@ def validate(cfg: Any) -> None:
         list(m.channels),
         "sizes >= 1",
     )
+    need(m.head in ("flatten", "spatial_mean"), "model.head", m.head, "flatten or spatial_mean")
+    if m.head == "spatial_mean":
+        need(m.name == "conv4", "model.head", m.head, "flatten unless model=conv4 (resnet12 always averages)")
+    need(
+        m.head_init in ("lecun_normal", "glorot_uniform", "normal"),
+        "model.head_init",
+        m.head_init,
+        "lecun_normal, glorot_uniform or normal",
+    )
+    need(math.isfinite(m.bn_epsilon) and m.bn_epsilon > 0, "model.bn_epsilon", m.bn_epsilon, "> 0")
+    need(
+        m.film_position in ("pre_pool", "post_pool"),
+        "model.film_position",
+        m.film_position,
+        "pre_pool or post_pool",
+    )
     need(
         m.compute_dtype in ("float32", "bfloat16"),
         "model.compute_dtype",
@@ -408,12 +504,16 @@ def validate(cfg: Any) -> None:
     need(o.name in _OPTIMS, "optim.name", o.name, f"one of {list(_OPTIMS)}")
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0")
     need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0 or null")
+    need(o.clip_value is None or o.clip_value > 0, "optim.clip_value", o.clip_value, "> 0 or null")
     need(
-        o.schedule in ("constant", "cosine", "linear"),
+        o.schedule in ("constant", "cosine", "linear", "step"),
         "optim.schedule",
         o.schedule,
-        "constant, cosine or linear",
+        "constant, cosine, linear or step",
     )
+    if o.schedule == "step":
+        need(o.decay_every >= 1, "optim.decay_every", o.decay_every, ">= 1 with optim.schedule=step")
+        need(0 < o.decay_rate <= 1, "optim.decay_rate", o.decay_rate, "in (0, 1] with optim.schedule=step")
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     need(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction, "in [0, 1]")
 

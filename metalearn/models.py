@@ -206,14 +206,19 @@ class BatchStatNorm(nn.Module):
     """
 
     epsilon: float = 1e-5
+    # False: offset only (cbfinn/maml's tf.contrib.layers.batch_norm has scale=False).
+    use_scale: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
         if low_precision is not None:
             x = x.astype(jnp.float32)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        if self.use_scale:
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        else:  # a constant 1: not a parameter, so neither adapted nor meta-learned
+            scale = jnp.ones((x.shape[-1],), bias.dtype)
         x, scale = _promote(x, scale)
         y = batch_stat_norm(x, scale, bias.astype(scale.dtype), self.epsilon)
         return y if low_precision is None else y.astype(low_precision)
@@ -271,14 +276,30 @@ class MLP(nn.Module):
         return nn.Dense(self.out, dtype=_head_dtype(self.dtype), name="head")(x)
 
 
+# Initialisers of the final linear layer (model.head_init).
+HEAD_INITS = {
+    "lecun_normal": nn.initializers.lecun_normal(),
+    "glorot_uniform": nn.initializers.glorot_uniform(),
+    "normal": nn.initializers.normal(stddev=1.0),
+}
+
+
 class Conv4(nn.Module):
     """MAML's 4-block CNN. x: (B, H, W, C) -> logits (B, out).
 
     Each block: 3x3 conv (``filters``) -> BatchNorm (batch statistics) -> ReLU, then either
     stride 2 in the conv (``downsample="stride"``, Omniglot 28x28) or a 2x2 max-pool
-    (``downsample="maxpool"``, larger images). The flattened features feed a linear ``head``.
-    With ``context_size`` > 0, :class:`FiLM` (param subtree ``film``) modulates block
-    ``film_block`` between its BatchNorm and ReLU, as in CAVIA's conditioned ConvNet.
+    (``downsample="maxpool"``, larger images). The last feature map feeds a linear ``head``,
+    flattened (``head="flatten"``) or averaged over space (``head="spatial_mean"``, cbfinn/maml's
+    Omniglot network: 64 features). With ``context_size`` > 0, :class:`FiLM` (param subtree
+    ``film``) modulates block ``film_block`` before its ReLU: between BatchNorm and the
+    max-pool (``film_position="pre_pool"``) or after the max-pool (``"post_pool"``, CAVIA's
+    classification/models.py: conv, BN, max-pool, FiLM, ReLU). Max-pool and ReLU commute,
+    so post_pool moves only FiLM relative to the pooling.
+
+    ``bn_scale``/``bn_epsilon``: see :class:`BatchStatNorm`; ``head_init``: the head kernel's
+    initialiser ("lecun_normal", Flax's default; "glorot_uniform"; "normal", N(0, 1) as
+    cbfinn/maml's Omniglot ``w5``).
     """
 
     out: int
@@ -289,6 +310,11 @@ class Conv4(nn.Module):
     # CAVIA: a context vector (context_size,) modulates block ``film_block`` through FiLM.
     context_size: int = 0
     film_block: int = 2
+    film_position: str = "pre_pool"
+    head: str = "flatten"
+    head_init: str = "lecun_normal"
+    bn_scale: bool = True
+    bn_epsilon: float = 1e-5
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
 
@@ -300,14 +326,20 @@ class Conv4(nn.Module):
             context = _cast(_context_or_zeros(context, self.context_size, x.dtype), self.dtype)
         for i in range(self.blocks):
             x = Conv3x3(self.filters, stride, self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
-            x = BatchStatNorm(name=f"norm_{i}")(x)
-            if self.context_size and i == self.film_block:
+            x = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{i}")(x)
+            film = self.context_size and i == self.film_block
+            if film and self.film_position == "pre_pool":
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
-            x = nn.relu(x)
             if self.downsample == "maxpool":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-        x = x.reshape(x.shape[:-3] + (-1,))
-        return nn.Dense(self.out, dtype=_head_dtype(self.dtype), name="head")(x)
+            if film and self.film_position == "post_pool":
+                x = FiLM(dtype=self.dtype, name="film")(x, context)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(-3, -2)) if self.head == "spatial_mean" else x.reshape(x.shape[:-3] + (-1,))
+        head_dtype = _head_dtype(self.dtype)
+        if head_dtype is not None:
+            x = x.astype(head_dtype)
+        return nn.Dense(self.out, dtype=head_dtype, kernel_init=HEAD_INITS[self.head_init], name="head")(x)
 
 
 class ResBlock(nn.Module):
@@ -323,17 +355,19 @@ class ResBlock(nn.Module):
     conv_impl: str = "im2col"
     negative_slope: float = 0.1
     dtype: Any = None
+    bn_scale: bool = True
+    bn_epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x
         for j in range(3):
             conv = Conv3x3(self.features, 1, self.conv_impl, False, self.dtype, name=f"conv_{j}")
-            h = BatchStatNorm(name=f"norm_{j}")(conv(h))
+            h = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{j}")(conv(h))
             if j < 2:
                 h = nn.leaky_relu(h, self.negative_slope)
         shortcut = Conv1x1(self.features, self.conv_impl, dtype=self.dtype, name="shortcut_conv")(x)
-        return h + BatchStatNorm(name="shortcut_norm")(shortcut)
+        return h + BatchStatNorm(self.bn_epsilon, self.bn_scale, name="shortcut_norm")(shortcut)
 
 
 class ResNet12(nn.Module):
@@ -361,6 +395,8 @@ class ResNet12(nn.Module):
     film_stage: int = 2
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
+    bn_scale: bool = True
+    bn_epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -368,7 +404,16 @@ class ResNet12(nn.Module):
         if self.context_size:
             context = _cast(_context_or_zeros(context, self.context_size, x.dtype), self.dtype)
         for i, features in enumerate(self.channels):
-            x = ResBlock(features, self.conv_impl, self.negative_slope, self.dtype, name=f"stage_{i}")(x)
+            block = ResBlock(
+                features,
+                self.conv_impl,
+                self.negative_slope,
+                self.dtype,
+                self.bn_scale,
+                self.bn_epsilon,
+                name=f"stage_{i}",
+            )
+            x = block(x)
             if self.context_size and i == self.film_stage:
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
             x = nn.leaky_relu(x, self.negative_slope)
@@ -400,8 +445,9 @@ _COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_size: int = 0) -> Model:
     """Build the model named by ``cfg.name`` (a ModelConfig): mlp, conv4 or resnet12.
 
-    mlp uses ``hidden``; conv4 ``filters``, ``blocks``, ``downsample``, ``conv_impl``;
-    resnet12 ``channels`` and ``conv_impl``. ``compute_dtype`` ("float32" or "bfloat16")
+    mlp uses ``hidden``; conv4 ``filters``, ``blocks``, ``downsample``, ``conv_impl``, ``head``,
+    ``head_init``, ``film_position``; resnet12 ``channels`` and ``conv_impl``; both ``bn_scale``
+    and ``bn_epsilon``. ``compute_dtype`` ("float32" or "bfloat16")
     applies to all (see the module docstring).
 
     context_size > 0 builds the context-conditioned variant (CAVIA): the MLP concatenates
@@ -428,6 +474,11 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
             conv_impl=cfg.conv_impl,
             context_size=context_size,
             film_block=min(2, cfg.blocks - 1),
+            film_position=getattr(cfg, "film_position", "pre_pool"),
+            head=getattr(cfg, "head", "flatten"),
+            head_init=getattr(cfg, "head_init", "lecun_normal"),
+            bn_scale=getattr(cfg, "bn_scale", True),
+            bn_epsilon=getattr(cfg, "bn_epsilon", 1e-5),
             dtype=dtype,
         )
     elif cfg.name == "resnet12":
@@ -441,6 +492,8 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
             context_size=context_size,
             film_stage=min(2, len(channels) - 1),
             dtype=dtype,
+            bn_scale=getattr(cfg, "bn_scale", True),
+            bn_epsilon=getattr(cfg, "bn_epsilon", 1e-5),
         )
     else:  # validated earlier; kept for direct library use
         raise ValueError(f"unknown model {cfg.name!r}")
@@ -473,3 +526,13 @@ def _wrap(module: nn.Module, input_shape: tuple[int, ...], context_size: int) ->
         return module.apply({"params": params}, x, context)
 
     return Model(init, apply, module, context_size)
+
+
+def is_norm_param(path: tuple[Any, ...]) -> bool:
+    """Whether a parameter's key path (``jax.tree_util`` keys) lies in a BatchNorm subtree
+    (``norm_*`` or ``shortcut_norm``, as in Conv4 and ResNet-12)."""
+    for entry in path:
+        name = str(getattr(entry, "key", getattr(entry, "name", entry)))
+        if name.startswith("norm_") or name == "shortcut_norm":
+            return True
+    return False

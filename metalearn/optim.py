@@ -7,29 +7,61 @@ from typing import Any
 import optax
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
-    """Adam or SGD(+momentum), optional warmup / cosine or linear decay and global-norm clipping."""
-    if cfg.schedule == "cosine":
+def make_schedule(cfg: Any, total_steps: int) -> Any:
+    """The outer learning rate: a float (constant) or an optax schedule of the step count.
+
+    "cosine": (optional linear warmup, then) cosine decay to lr * final_lr_fraction over
+    ``total_steps``. "linear": (warmup, then) a straight line from lr to lr *
+    final_lr_fraction over ``total_steps`` (supervised-reptile's meta step size,
+    supervised_reptile/train.py). "step": lr * decay_rate ** floor(step / decay_every), a
+    staircase as CAVIA's ``torch.optim.lr_scheduler.StepLR(optimiser, 5000, 0.9)``
+    (classification/main.py), after an optional linear warmup. "constant": lr (after the
+    optional warmup).
+    """
+    schedule = getattr(cfg, "schedule", "constant")
+    if schedule == "cosine":
         decay_steps = max(total_steps, cfg.warmup_steps + 1)
-        lr: Any = optax.warmup_cosine_decay_schedule(
+        return optax.warmup_cosine_decay_schedule(
             init_value=0.0 if cfg.warmup_steps else cfg.lr,
             peak_value=cfg.lr,
             warmup_steps=cfg.warmup_steps,
             decay_steps=decay_steps,
             end_value=cfg.lr * cfg.final_lr_fraction,
         )
-    elif cfg.schedule == "linear":
-        # lr * (1 - s / total_steps) + lr * final_lr_fraction * s / total_steps at update s
-        # (supervised-reptile's meta step size, supervised_reptile/train.py), after warmup.
+    if schedule == "linear":
+        # lr * (1 - s / total_steps) + lr * final_lr_fraction * s / total_steps at update s.
         w = cfg.warmup_steps
-        lr = optax.linear_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, max(total_steps - w, 1))
-        if w:
-            lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), lr], [w])
-    elif cfg.warmup_steps:
-        lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
-    else:
-        lr = cfg.lr
+        line = optax.linear_schedule(cfg.lr, cfg.lr * cfg.final_lr_fraction, max(total_steps - w, 1))
+        if not w:
+            return line
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, w), line], [w])
+    if schedule == "step":
+        decay = optax.exponential_decay(
+            cfg.lr, transition_steps=cfg.decay_every, decay_rate=cfg.decay_rate, staircase=True
+        )
+        if not cfg.warmup_steps:
+            return decay
+        warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+        return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    if cfg.warmup_steps:
+        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    return cfg.lr
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """Adam or SGD(+momentum) with the learning rate of :func:`make_schedule`.
+
+    Before the optimizer, in this order: ``clip_value`` clamps every meta-gradient entry to
+    [-clip_value, clip_value] (cbfinn/maml's ``tf.clip_by_value(grad, -10, 10)`` for
+    mini-ImageNet in maml.py; CAVIA's ``param.grad.data.clamp_(-10, 10)`` in
+    classification/main.py), then ``clip_norm`` rescales the whole meta-gradient to at most
+    that global norm. Either null: off.
+    """
+    lr = make_schedule(cfg, total_steps)
     opt = optax.adam(lr) if cfg.name == "adam" else optax.sgd(lr, momentum=cfg.momentum or None)
+    clips = []
+    if getattr(cfg, "clip_value", None) is not None:
+        clips.append(optax.clip(cfg.clip_value))
     if cfg.clip_norm is not None:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-    return opt
+        clips.append(optax.clip_by_global_norm(cfg.clip_norm))
+    return optax.chain(*clips, opt) if clips else opt

@@ -146,6 +146,19 @@ def episode_from_images(x: jax.Array, k_shot: int) -> Task:
     )
 
 
+def rotate_classes(x: jax.Array, key: jax.Array) -> jax.Array:
+    """Each class of an episode rotated by its own random multiple of 90 degrees.
+
+    x: (n_way, n, H, W, C) with H == W -> same shape; class c is ``np.rot90``-ed k_c times
+    in the (H, W) plane, k_c uniform on {0, 1, 2, 3} and independent across classes (all
+    images of a class, support and query, share k_c). cbfinn/maml's Omniglot sampler
+    (data_generator.py: ``tf.multinomial`` over 4 rotations per class, ``tf.image.rot90``).
+    """
+    ks = jax.random.randint(key, (x.shape[0],), 0, 4)
+    rotations = jnp.stack([jnp.rot90(x, k, axes=(-3, -2)) for k in range(4)])
+    return rotations[ks, jnp.arange(x.shape[0])]
+
+
 def sample_episode(images: jax.Array, key: jax.Array, n_way: int, k_shot: int, k_query: int) -> Task:
     """An N-way K-shot Q-query episode from a class-indexed image array.
 
@@ -286,16 +299,30 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     (classes, per_class, H, W, C), or :class:`~metalearn.data.common.ClassImages` when
     classes differ in size (classes too small for the episode shape are dropped).
 
+    ``cfg.k_query_test`` (when set) is the query size of the validation and test splits'
+    episodes; ``cfg.rotation_sampling="per_task"`` rotates each sampled class by a random
+    multiple of 90 degrees (:func:`rotate_classes`; device sampling only).
+
     Checks that every split can hold the requested episode shape. ``placement`` ("device",
     "host" or "auto"; default ``cfg.placement``) decides where episodes are sampled: on
     device, the arrays are moved to accelerator memory once and ``sample`` gathers from
     them inside jit; on the host, ``splits`` is empty and ``host`` gathers each batch.
     """
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
-    n_per_class = k_shot + k_query
+    k_query_test = getattr(cfg, "k_query_test", None)
+    per_task_rotations = getattr(cfg, "rotation_sampling", "classes") == "per_task"
+
+    def per_class(split: str) -> int:
+        """Images per class of one episode of ``split`` (evaluation splits: k_query_test)."""
+        return k_shot + (k_query if split == "train" or k_query_test is None else k_query_test)
+
     layouts, dropped = {}, {}
     for split, arr in arrays.items():
-        layouts[split], dropped[split] = _split_layout(split, arr, n_way, n_per_class)
+        layouts[split], dropped[split] = _split_layout(split, arr, n_way, per_class(split))
+        if per_class(split) != k_shot + k_query:
+            # The episode size rides along as a static shape (like "slots"), so the one
+            # ``sample`` serves every split.
+            layouts[split]["episode_slots"] = np.arange(per_class(split), dtype=np.int32)
     first = next(iter(layouts.values()))["images"]
     input_shape = tuple(first.shape[-3:])
     nbytes = sum(v.nbytes for layout in layouts.values() for v in layout.values())
@@ -307,9 +334,19 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
         )
 
     def sample(data: Any, key: jax.Array) -> Task:
-        idx = _episode_indices(data, key, n_way, n_per_class)
-        return episode_from_images(data["images"][idx], k_shot)
+        n = data["episode_slots"].shape[0] if "episode_slots" in data else k_shot + k_query
+        if not per_task_rotations:
+            idx = _episode_indices(data, key, n_way, n)
+            return episode_from_images(data["images"][idx], k_shot)
+        key, rotation_key = jax.random.split(key)
+        x = rotate_classes(data["images"][_episode_indices(data, key, n_way, n)], rotation_key)
+        return episode_from_images(x, k_shot)
 
+    if per_task_rotations and where == "host":
+        raise ConfigError(
+            "invalid dataset.rotation_sampling='per_task': needs episodes sampled on device, but they "
+            f"would be {note} (use dataset.rotation_sampling=classes)"
+        )
     if where == "device":
         splits = {name: jax.tree.map(jnp.asarray, layout) for name, layout in layouts.items()}
         host = None
@@ -319,10 +356,11 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
         for name, layout in layouts.items():
             meta = {k: v for k, v in layout.items() if k != "images"}
             shape = layout["images"].shape
+            n_split = per_class(name)
 
-            def index_batch(keys, meta=meta, shape=shape):
+            def index_batch(keys, meta=meta, shape=shape, n=n_split):
                 data = dict(jax.tree.map(jnp.asarray, meta), images=jax.ShapeDtypeStruct(shape, jnp.uint8))
-                return jax.vmap(lambda key: _episode_indices(data, key, n_way, n_per_class))(keys)
+                return jax.vmap(lambda key: _episode_indices(data, key, n_way, n))(keys)
 
             index_fns[name] = jax.jit(index_batch)
         to_tasks = jax.vmap(lambda x: episode_from_images(x, k_shot))

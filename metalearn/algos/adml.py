@@ -30,6 +30,8 @@ in the paper, where adversarial samples are generated data. With
 (the parameters it is evaluated with, a stronger attack at the cost of one more attack
 per task) instead of theta; it is still a constant for the meta-gradient.
 
+``algo.inner_loss``/``outer_loss``/``adapt_bn`` apply as in MAML (metalearn/algos/maml.py).
+
 Reported metrics: ``loss`` (the outer objective above) and the task metric (``accuracy``
 or ``mse``) of the clean adaptation theta_c on the clean query.
 
@@ -46,7 +48,7 @@ from typing import Any
 import jax
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, reductions, scaled
 from metalearn.algos.maml import make_maml
 from metalearn.attacks import make_attack
 from metalearn.tasks import Task
@@ -67,6 +69,7 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
 
     # The inner loop and prediction are MAML's; ADML differs only in its outer loss.
     maml = make_maml(cfg, problem)
+    outer_loss = reductions(cfg)[1]
     adapt, predict = maml.adapt, maml.predict
 
     def adversarial(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
@@ -85,6 +88,7 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
         loss = source.loss(model.apply(theta_c, query_adv), task.query_y) + source.loss(
             model.apply(theta_a, task.query_x), task.query_y
         )
+        loss = scaled(loss, outer_loss, task.query_x, task.support_x, source.output_dim)
         metric = source.metric(model.apply(theta_c, task.query_x), task.query_y)
         return loss, metric
 

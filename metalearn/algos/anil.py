@@ -12,6 +12,8 @@ they depend on theta_b through the features and on theta_h); ``algo.first_order`
 the gradient through grad_h L_S. The inner gradients are w.r.t. the head only, so their
 backward pass stops at the features (the forward pass still runs the whole network).
 
+``algo.inner_loss``/``outer_loss`` apply as in MAML (metalearn/algos/maml.py).
+
 State: meta_params = the model's parameter pytree; adapted = the adapted ``head`` subtree.
 """
 
@@ -21,7 +23,7 @@ from typing import Any
 
 import jax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, reductions, scaled
 from metalearn.tasks import Task
 
 HEAD = "head"
@@ -40,11 +42,16 @@ def _with_head(params: Any, head: Any) -> Any:
 def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
     model, source = problem.model, problem.source
+    inner_loss, outer_loss = reductions(cfg)
+    n_way = source.output_dim
+
+    def support_loss(loss: jax.Array, support_x: jax.Array) -> jax.Array:
+        return scaled(loss, inner_loss, support_x, support_x, n_way)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda h: problem.loss(_with_head(params, h), support_x, support_y),
+            lambda h: support_loss(problem.loss(_with_head(params, h), support_x, support_y), support_x),
             _head(params),
             cfg.inner_lr,
             steps,
@@ -58,7 +65,8 @@ def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         head = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = predict(params, head, task.query_x)
-        return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
+        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        return loss, source.metric(pred, task.query_y)
 
     return MetaLearner(
         init=model.init,

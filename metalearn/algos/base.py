@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from metalearn.models import Model
+from metalearn.models import Model, is_norm_param
 from metalearn.tasks import Task, TaskSource
 
 PyTree = Any
@@ -107,6 +107,7 @@ def inner_sgd(
     *,
     first_order: bool = False,
     remat: bool = False,
+    adapt: PyTree | None = None,
 ) -> PyTree:
     """``steps`` plain gradient steps ``p <- p - lr * grad(loss_fn)(p)`` under ``lax.scan``.
 
@@ -114,21 +115,68 @@ def inner_sgd(
     first_order: stop the gradient through each inner gradient, dropping the second-order
         terms of the meta-gradient (the updates still depend on params through ``p``).
     remat: recompute each inner step in the backward pass instead of storing it.
+    adapt: None (every leaf is updated) or a pytree of Python bools shaped like ``params``;
+        leaves marked False keep their value through the inner loop (still differentiable
+        meta-parameters that the inner loss depends on), e.g. BatchNorm under
+        ``algo.adapt_bn=false`` (:func:`adapt_mask`).
     """
     if steps == 0:
         return params
     lr_tree = lr if isinstance(lr, dict) else jax.tree.map(lambda _: lr, params)
+    mask = jax.tree.map(lambda _: True, params) if adapt is None else adapt
 
     def step(p: PyTree, _: None) -> tuple[PyTree, None]:
         g = jax.grad(loss_fn)(p)
         if first_order:
             g = lax.stop_gradient(g)
-        return jax.tree.map(lambda w, gw, a: w - a * gw, p, g, lr_tree), None
+        return jax.tree.map(lambda w, gw, a, m: w - a * gw if m else w, p, g, lr_tree, mask), None
 
     if remat:
         step = jax.checkpoint(step)
     params, _ = lax.scan(step, params, None, length=steps)
     return params
+
+
+def adapt_mask(params: PyTree, adapt_bn: bool) -> PyTree | None:
+    """The ``adapt`` argument of :func:`inner_sgd` for ``algo.adapt_bn``: None (adapt every
+    parameter) when true; else False on BatchNorm parameters (``norm_*`` / ``shortcut_norm``
+    subtrees), which are then meta-learned only, as in cbfinn/maml (its batch_norm variables
+    are not among the fast weights, maml.py) and CAVIA."""
+    if adapt_bn:
+        return None
+    return jax.tree_util.tree_map_with_path(lambda path, _: not is_norm_param(path), params)
+
+
+LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+
+
+def loss_scale(reduction: str, n_examples: int, n_support: int, n_way: int) -> float:
+    """Factor turning the mean loss over ``n_examples`` into ``reduction``.
+
+    "mean": 1. "sum_over_shots": cbfinn/maml's classification loss (utils.py ``xent``):
+    each example's cross-entropy divided by K (``update_batch_size``, the shots per class,
+    K = n_support / n_way), summed over the examples (``tf.gradients`` of the per-example
+    vector in the inner loop; ``reduce_sum`` in the outer loss), i.e. n_examples / K times
+    the mean. For the support set that is N (n_way) times the mean, so alpha = 0.4 there is
+    alpha = 2.0 on a mean loss for 5-way.
+    """
+    if reduction == "mean":
+        return 1.0
+    if reduction == "sum_over_shots":
+        return n_examples * n_way / n_support
+    raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {LOSS_REDUCTIONS}")
+
+
+def reductions(cfg: Any) -> tuple[str, str]:
+    """(inner, outer) loss reductions of an AlgoConfig (``algo.inner_loss``/``outer_loss``)."""
+    return getattr(cfg, "inner_loss", "mean"), getattr(cfg, "outer_loss", "mean")
+
+
+def scaled(loss: jax.Array, reduction: str, x: jax.Array, support_x: jax.Array, n_way: int) -> jax.Array:
+    """``loss`` (a mean over the rows of ``x``) under ``reduction``; K from ``support_x``."""
+    if reduction == "mean":
+        return loss
+    return loss * loss_scale(reduction, x.shape[0], support_x.shape[0], n_way)
 
 
 def mean_over_tasks(

@@ -9,6 +9,11 @@ respect to theta flows through every inner step (second order: it contains Hessi
 products of L_S). First-order MAML stops the gradient through grad L_S, so
 d theta'_k / d theta = I and the meta-gradient is grad L_Q evaluated at theta'_k.
 
+Switches (conf/algo/maml.yaml; README "Contested details"): ``algo.inner_loss`` /
+``algo.outer_loss`` ("mean", or cbfinn/maml's "sum_over_shots": per-example cross-entropy
+divided by K and summed, see :func:`~metalearn.algos.base.loss_scale`) and ``algo.adapt_bn``
+(false: BatchNorm parameters are kept fixed in the inner loop and meta-learned only).
+
 State: meta_params = the model's parameter pytree; adapted = a pytree of the same shape.
 """
 
@@ -18,7 +23,15 @@ from typing import Any
 
 import jax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.algos.base import (
+    MetaLearner,
+    Problem,
+    adapt_mask,
+    gradient_of_mean,
+    inner_sgd,
+    reductions,
+    scaled,
+)
 from metalearn.tasks import Task
 
 
@@ -27,21 +40,27 @@ def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
     first_order = bool(cfg.first_order) or cfg.name == "fomaml"
     model, source = problem.model, problem.source
 
+    inner_loss, outer_loss = reductions(cfg)
+    adapt_bn = bool(getattr(cfg, "adapt_bn", True))
+    n_way = source.output_dim
+
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda p: problem.loss(p, support_x, support_y),
+            lambda p: scaled(problem.loss(p, support_x, support_y), inner_loss, support_x, support_x, n_way),
             params,
             cfg.inner_lr,
             steps,
             first_order=first_order,
             remat=cfg.remat,
+            adapt=adapt_mask(params, adapt_bn),
         )
 
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         adapted = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = model.apply(adapted, task.query_x)
-        return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
+        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        return loss, source.metric(pred, task.query_y)
 
     def predict(params: Any, adapted: Any, x: jax.Array) -> jax.Array:
         del params

@@ -14,6 +14,8 @@ alpha starts at ``algo.inner_lr`` everywhere (the paper draws it uniformly from
 [0.005, 0.1]); a constant start makes step 0 of Meta-SGD exactly MAML at the dataset's
 inner lr, so the two are comparable from the same initialisation.
 
+``algo.inner_loss``/``outer_loss``/``adapt_bn`` apply as in MAML (metalearn/algos/maml.py).
+
 State: meta_params = {"params": model parameter pytree, "lrs": pytree of the same shapes};
 adapted = a model parameter pytree.
 """
@@ -25,13 +27,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.algos.base import (
+    MetaLearner,
+    Problem,
+    adapt_mask,
+    gradient_of_mean,
+    inner_sgd,
+    reductions,
+    scaled,
+)
 from metalearn.tasks import Task
 
 
 def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: AlgoConfig (inner_lr: initial per-parameter rate, inner_steps, first_order, remat)."""
     model, source = problem.model, problem.source
+    inner_loss, outer_loss = reductions(cfg)
+    adapt_bn = bool(getattr(cfg, "adapt_bn", True))
+    n_way = source.output_dim
 
     def init(key: jax.Array) -> Any:
         params = model.init(key)
@@ -41,18 +54,20 @@ def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
     def adapt(meta: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda p: problem.loss(p, support_x, support_y),
+            lambda p: scaled(problem.loss(p, support_x, support_y), inner_loss, support_x, support_x, n_way),
             meta["params"],
             meta["lrs"],
             steps,
             first_order=cfg.first_order,
             remat=cfg.remat,
+            adapt=adapt_mask(meta["params"], adapt_bn),
         )
 
     def task_loss(meta: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         adapted = adapt(meta, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = model.apply(adapted, task.query_x)
-        return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
+        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        return loss, source.metric(pred, task.query_y)
 
     def predict(meta: Any, adapted: Any, x: jax.Array) -> jax.Array:
         del meta

@@ -261,6 +261,9 @@ def load_omniglot(
 
 def load_config(cfg: Any) -> dict[str, np.ndarray]:
     """The arrays for a DatasetConfig with ``name=omniglot``."""
+    # rotation_sampling=per_task: unrotated characters; tasks rotate them when sampled
+    # (metalearn/tasks.py).
+    rotations = cfg.rotations and getattr(cfg, "rotation_sampling", "classes") == "classes"
     return load_omniglot(
-        cfg.variant, cfg.manual_dir, cfg.data_dir, cfg.image_size, cfg.rotations, cfg.split_seed, cfg.download
+        cfg.variant, cfg.manual_dir, cfg.data_dir, cfg.image_size, rotations, cfg.split_seed, cfg.download
     )
