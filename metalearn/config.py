@@ -67,6 +67,17 @@ class AlgoConfig:
     # false: BatchNorm parameters stay fixed in the inner loop (meta-learned only, as in
     # cbfinn/maml); true: adapted with the other weights.
     adapt_bn: bool = True
+    # MAML++ (conf/algo/mamlpp.yaml; metalearn/algos/mamlpp.py). Each part is a switch; with
+    # all off (and optim.schedule=constant) it is MAML. multi_step_loss: query loss after
+    # every inner step, weights annealed to the last step over msl_steps meta-steps; lslr:
+    # learned per-layer per-step inner lrs (start: inner_lr); per_step_bn: one BatchNorm
+    # scale/bias per inner step; first_order_steps: first-order meta-gradient for that many
+    # meta-steps, then second order (0: algo.first_order throughout).
+    multi_step_loss: bool = True
+    msl_steps: int = 5000
+    lslr: bool = True
+    per_step_bn: bool = True
+    first_order_steps: int = 0
 
 
 @dataclass
@@ -309,6 +320,10 @@ def validate(cfg: Any) -> None:
     need(a.inner_steps_test >= 0, "algo.inner_steps_test", a.inner_steps_test, ">= 0")
     if a.name == "caml":
         need(a.context_size >= 1, "algo.context_size", a.context_size, ">= 1 for algo=caml")
+    if a.name == "mamlpp":
+        need(a.msl_steps >= 1, "algo.msl_steps", a.msl_steps, ">= 1 (meta-steps of loss-weight annealing)")
+        fo = a.first_order_steps
+        need(fo >= 0, "algo.first_order_steps", fo, ">= 0 (0: no derivative-order annealing)")
     need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
     need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
     test_batch = a.inner_batch_size_test

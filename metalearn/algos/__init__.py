@@ -5,6 +5,7 @@ from metalearn.algos.anil import make_anil
 from metalearn.algos.base import MetaLearner, Problem, inner_sgd
 from metalearn.algos.caml import make_caml
 from metalearn.algos.maml import make_maml
+from metalearn.algos.mamlpp import make_mamlpp
 from metalearn.algos.metasgd import make_metasgd
 from metalearn.algos.reptile import make_reptile
 
@@ -16,6 +17,7 @@ ALGORITHMS = {
     "metasgd": make_metasgd,
     "reptile": make_reptile,
     "anil": make_anil,
+    "mamlpp": make_mamlpp,
 }
 
 
