@@ -125,3 +125,65 @@ def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> sub
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_cli_in_process(*args: str) -> tuple[int, str, str]:
+    """``metalearn <args>`` in this process: (exit code, stdout, stderr). For contract checks
+    that need no fresh interpreter (a subprocess costs an import of jax and Hydra)."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metalearn import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    GlobalHydra.instance().clear()
+    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    return code, out.getvalue(), err.getvalue()
+
+
+# One sweep of every algorithm on a tiny sinusoid budget, made once per session and shared by
+# the CLI, eval and report tests (copy a run with copy_run before changing it).
+SWEEP_ALGOS = ("maml", "fomaml", "caml", "metasgd", "reptile", "anil")
+SWEEP_TINY = (
+    "dataset=sinusoid",
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.val_every=15",
+    "trainer.val_tasks=10",
+    "trainer.checkpoint_every=15",
+    "trainer.progress=false",
+    "eval.n_tasks=20",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """``metalearn train -m algo=<all> ...`` (one process); job dirs ``<n>_algo=<name>``."""
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    algos = f"algo={','.join(SWEEP_ALGOS)}"
+    run_cli("train", "-m", algos, *SWEEP_TINY, f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    return root / "sweep"
+
+
+def sweep_run(sweep: Path, algo: str) -> Path:
+    """The job dir of ``algo`` in :func:`tiny_sweep`."""
+    (run,) = sweep.glob(f"*_algo={algo},*")
+    return run
+
+
+def copy_run(sweep: Path, algo: str, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(sweep_run(sweep, algo), dest))
