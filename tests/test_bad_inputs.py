@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import copy_run, run_cli, run_cli_in_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -163,34 +163,17 @@ def test_corrupt_archive_fails_in_job_and_leaves_no_run_dir(workdir):
     assert snapshot(workdir) == before
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    proc = run_cli(
-        "train",
-        *TINY,
-        "trainer.steps=10",
-        "trainer.checkpoint_every=5",
-        f"hydra.run.dir={root / 'run'}",
-        cwd=root,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return root / "run"
-
-
-def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_sweep, tmp_path):
+    run = copy_run(tiny_sweep, "maml", tmp_path / "run")
     for step_dir in (run / "checkpoints").iterdir():  # damage every checkpoint
         for f in step_dir.rglob("*"):
             if f.is_file() and "ocdbt" in str(f):
                 f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     before = snapshot(tmp_path)
-    proc = run_cli("eval", f"run_dir={run}", cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no usable checkpoint" in lines[0], proc.stderr
+    code, _, stderr = run_cli_in_process("eval", f"run_dir={run}")
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "no usable checkpoint" in lines[0], stderr
     assert snapshot(tmp_path) == before
     assert not (run / "eval").exists()
 

@@ -6,64 +6,55 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, SWEEP_ALGOS, run_cli, run_cli_in_process
 
 from metalearn.report import _pooled, aggregate, config_label, find_runs, sort_rows, write_report
 from metalearn.reproduce import SUITES, plan
 
-SWEEP_TINY = [
-    "trainer.steps=6",
-    "trainer.log_every=2",
-    "trainer.val_every=3",
-    "trainer.val_tasks=4",
-    "trainer.checkpoint_every=0",
-    "trainer.progress=false",
-    "eval.n_tasks=10",
-]
 
-
-def test_sweep_then_report_one_row_per_configuration(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_cli(
-        "train", "-m", "algo=maml,fomaml", "dataset=sinusoid", "seed=0,1", *SWEEP_TINY,
-        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-    )  # fmt: skip
+def test_sweep_then_report_one_row_per_configuration(tiny_sweep, tmp_path):
+    """`metalearn report` over the session's real sweep (one seed per algorithm; seeds are
+    pooled in test_grouping_sorting_and_pooled_ci), plus a failed job of the same sweep."""
+    sweep = Path(shutil.copytree(tiny_sweep, tmp_path / "sweep"))
     # A failed job of the same sweep: marked, not aggregated.
     broken = sweep / "9_broken"
     (broken / ".hydra").mkdir(parents=True)
     (broken / ".hydra" / "config.yaml").write_text("seed: 0\nrun_dir: null\n")
     maml_job = next(p for p in sweep.glob("*/.hydra/overrides.yaml") if "algo=maml" in p.read_text())
-    overrides = [o if not o.startswith("seed=") else "seed=7" for o in yaml.safe_load(maml_job.read_text())]
+    overrides = [*yaml.safe_load(maml_job.read_text()), "seed=7"]
     (broken / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (broken / "error.txt").write_text("invalid something\n")
 
-    proc = run_cli("report", str(sweep), "--out", str(tmp_path / "rep"), cwd=tmp_path)
-    assert "report written to" in proc.stdout
+    code, out, err = run_cli_in_process("report", str(sweep), "--out", str(tmp_path / "rep"))
+    assert code == 0 and "report written to" in out, out + err
     with (tmp_path / "rep" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    by_algo = {("fomaml" if "algo=fomaml" in r["configuration"] else "maml"): r for r in rows}
-    assert len(rows) == 2 and set(by_algo) == {"maml", "fomaml"}
+    by_algo = {re.search(r"algo=(\w+)", r["configuration"]).group(1): r for r in rows}
+    assert len(rows) == len(SWEEP_ALGOS) and set(by_algo) == set(SWEEP_ALGOS)
     for algo, row in by_algo.items():
-        assert row["seeds"] == "0 1" and row["metric"] == "mse", row
+        assert row["seeds"] == "0" and row["metric"] == "mse", row
         assert "seed=" not in row["configuration"]
-        means = [
+        (mean,) = [
             json.loads(p.read_text())["test"]["mean"]
             for p in sweep.glob("*/results.json")
             if json.loads(p.read_text())["algo"] == algo
         ]
-        assert math.isclose(float(row["mean"]), sum(means) / 2, rel_tol=1e-9)
-        assert float(row["ci95"]) > 0 and float(row["seed_std"]) >= 0
-    assert by_algo["maml"]["failed"] == "1" and by_algo["fomaml"]["failed"] == "0"
+        assert math.isclose(float(row["mean"]), mean, rel_tol=1e-9)
+        assert float(row["ci95"]) > 0
+        assert row["failed"] == ("1" if algo == "maml" else "0")
     # Sorted by MSE, ascending.
-    assert float(rows[0]["mean"]) <= float(rows[1]["mean"])
+    means = [float(r["mean"]) for r in rows]
+    assert means == sorted(means)
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "## Failed runs" in md and "invalid something" in md
     pngs = sorted((tmp_path / "rep" / "curves").glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert len(pngs) == len(SWEEP_ALGOS) and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], mean: float | None, ci: float = 0.1, n: int = 100):
