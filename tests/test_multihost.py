@@ -155,6 +155,7 @@ def _records(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     _require_gloo()
     port = _free_port()
@@ -349,6 +350,7 @@ _PREEMPT_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(tmp_path):
     _require_gloo()
     port = _free_port()
