@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_cfg, run_cli_in_process
+from conftest import make_cfg, run_cli
 
 from metalearn.checkpoint import checkpoint_steps
 
@@ -153,27 +153,30 @@ def test_an_exception_in_the_prefetch_thread_surfaces_in_the_training_loop():
     assert isinstance(outcome["value"], RuntimeError) and "gather failed" in str(outcome["value"])
 
 
-def test_sweep_keeps_other_jobs_and_records_an_unexpected_exception(tmp_path, monkeypatch):
+_CRASH_SEED_0 = """
+import metalearn.train as t
+_train = t.train
+def train(cfg, *args, **kwargs):
+    if cfg.seed == 0:
+        raise RuntimeError("unexpected failure in this job")
+    return _train(cfg, *args, **kwargs)
+t.train = train
+"""
+
+
+def test_sweep_keeps_other_jobs_and_records_an_unexpected_exception(tmp_path):
     """Not a MetalearnError but any exception: the job's error.txt names it, the later job
-    still runs and writes its results, and the sweep exits 2 counting the failure."""
-    import metalearn.train
-
-    real_train = metalearn.train.train
-
-    def train(cfg, *args, **kwargs):
-        if cfg.seed == 0:
-            raise RuntimeError("unexpected failure in this job")
-        return real_train(cfg, *args, **kwargs)
-
-    monkeypatch.setattr(metalearn.train, "train", train)
+    still runs and writes its results, and the sweep exits 2 counting the failure. (A
+    subprocess: an exception escaping Hydra in this process would break pytest's output.)"""
     sweep = tmp_path / "sweep"
-    code, out, err = run_cli_in_process(
+    proc = run_cli(
         "train", "-m", "seed=0,1", "model.hidden=[8]", "trainer.steps=3", "trainer.log_every=3",
         "trainer.val_every=0", "trainer.checkpoint_every=0", "trainer.progress=false",
         "eval.n_tasks=4", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, check=False, prelude=_CRASH_SEED_0,
     )  # fmt: skip
-    assert code == 2, out + err
-    assert "1 of 2 sweep jobs failed" in err.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    assert "1 of 2 sweep jobs failed" in proc.stderr.strip().splitlines()[-1]
     (bad,) = sweep.glob("0_*")
     (good,) = sweep.glob("1_*")
     assert json.loads((good / "results.json").read_text())["seed"] == 1
