@@ -109,7 +109,9 @@ def scaled_mini_imagenet(monkeypatch, tmp_path_factory):
     return write_mini_imagenet_pickles(root / "manual", split, 20), root / "data"
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, prelude: str = "", timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``metalearn <args>`` in a subprocess on the CPU. ``check``: fail the test (with the
     output) on a non-zero exit. ``prelude``: Python run in that process first (e.g. to scale
     a loader's constants)."""
@@ -121,7 +123,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> sub
     else:
         command = [sys.executable, "-m", "metalearn.cli", *args]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
@@ -137,8 +139,14 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
 
     from metalearn import cli
 
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
+    class _Sink(io.StringIO):
+        """Never closed: Hydra's log handlers keep the stream they were configured with."""
+
+        def close(self) -> None:
+            pass
+
+    out, err = _Sink(), _Sink()
+    argv, streams = sys.argv, (sys.stdout, sys.stderr)
     GlobalHydra.instance().clear()
     cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
     code = 0
@@ -148,8 +156,14 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
+        import logging
+
         sys.argv = argv
+        sys.stdout, sys.stderr = streams
         GlobalHydra.instance().clear()
+        for handler in list(logging.root.handlers):  # Hydra's job logging, pointed at out/err
+            if getattr(handler, "stream", None) in (out, err):
+                logging.root.removeHandler(handler)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -173,7 +187,8 @@ def tiny_sweep(tmp_path_factory) -> Path:
     """``metalearn train -m algo=<all> ...`` (one process); job dirs ``<n>_algo=<name>``."""
     root = tmp_path_factory.mktemp("tiny_sweep")
     algos = f"algo={','.join(SWEEP_ALGOS)}"
-    run_cli("train", "-m", algos, *SWEEP_TINY, f"hydra.sweep.dir={root / 'sweep'}", cwd=root)
+    sweep_dir = f"hydra.sweep.dir={root / 'sweep'}"
+    run_cli("train", "-m", algos, *SWEEP_TINY, sweep_dir, cwd=root, timeout=1800)  # ~1 min unloaded
     return root / "sweep"
 
 
