@@ -151,8 +151,12 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
     cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
     code = 0
     try:
+        # No logging config from Hydra here: its dictConfig would shut down the handlers of
+        # this process (pytest's log capture among them).
+        job = args[0] in ("train", "eval") and not {"--help", "--cfg"} & set(args)
+        quiet = ["hydra/job_logging=none", "hydra/hydra_logging=none"] if job else []
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main(list(args))
+            cli.main([*args, *quiet])
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
