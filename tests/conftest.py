@@ -153,8 +153,8 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
     try:
         # No logging config from Hydra here: its dictConfig would shut down the handlers of
         # this process (pytest's log capture among them).
-        job = args[0] in ("train", "eval") and not {"--help", "--cfg"} & set(args)
-        quiet = ["hydra/job_logging=none", "hydra/hydra_logging=none"] if job else []
+        # (--help and --cfg configure Hydra's logging before any job: use run_cli for them.)
+        quiet = ["hydra/job_logging=none", "hydra/hydra_logging=none"] if args[0] in ("train", "eval") else []
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             cli.main([*args, *quiet])
     except SystemExit as exit_:
