@@ -247,11 +247,19 @@ def _run_guarded(fn, cfg) -> float | None:
             return
         _remove_failed_output(out, fn)
         _fail(str(err), err.exit_code)
-    except Exception:
-        # An unexpected error keeps its traceback, but not the empty run dir it leaves.
+    except Exception as err:
         if not multirun:
+            # A bug: the traceback is what to report, but not the empty run dir it leaves.
             _remove_failed_output(out, fn)
-        raise
+            raise
+        # An unexpected error in one job of a sweep: recorded like a MetalearnError (first
+        # line, then the traceback for the bug report), and the other jobs still run.
+        import traceback
+
+        line = f"{type(err).__name__}: {_first_line(err)}"
+        (out / "error.txt").write_text(line + "\n\n" + traceback.format_exc())
+        print(f"metalearn: error: {out.name}: {line}", file=sys.stderr, flush=True)
+        _STATE["failed_jobs"].append(str(out))
 
 
 def _train_command(cfg) -> float:

@@ -44,24 +44,39 @@ class JsonlLogger:
         self._writer = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX.event_file_writer import EventsWriter
             except ImportError as err:  # validate() normally catches this earlier
                 from metalearn.errors import ConfigError
 
                 raise ConfigError(
                     'trainer.tensorboard=true needs tensorboardX: pip install "metalearn[tensorboard]"'
                 ) from err
-            self._writer = SummaryWriter(logdir=str(self.path.parent / "tensorboard"))
+            # The synchronous events writer, not SummaryWriter: SummaryWriter queues events to
+            # a thread that writes them to disk only every flush_secs (120 s), and its flush()
+            # does not wait for that queue, so a killed run lost its last events.
+            folder = self.path.parent / "tensorboard"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(str(folder / "events"))
 
     def log(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self._writer is not None and "step" in record:
+            import time
+
+            from tensorboardX.proto.event_pb2 import Event
+            from tensorboardX.proto.summary_pb2 import Summary
+
             split = record.get("split", "train")
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, int | float) and math.isfinite(value):
-                    self._writer.add_scalar(f"{split}/{key}", value, record["step"])
+            values = [
+                Summary.Value(tag=f"{split}/{key}", simple_value=float(value))
+                for key, value in record.items()
+                if key not in ("step", "split") and isinstance(value, int | float) and math.isfinite(value)
+            ]
+            self._writer.write_event(
+                Event(wall_time=time.time(), step=int(record["step"]), summary=Summary(value=values))
+            )
             # Logs are sparse (every trainer.log_every steps): flush so a live TensorBoard
             # and a killed run both see everything logged so far.
             self._writer.flush()

@@ -120,7 +120,9 @@ def scaled_mini_imagenet(monkeypatch, tmp_path_factory):
     return write_mini_imagenet_pickles(root / "manual", split, 20), root / "data"
 
 
-def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, check: bool = True, prelude: str = "", timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``metalearn <args>`` in a subprocess on the CPU. ``check``: fail the test (with the
     output) on a non-zero exit. ``prelude``: Python run in that process first (e.g. to scale
     a loader's constants)."""
@@ -132,7 +134,86 @@ def run_cli(*args: str, cwd: Path, check: bool = True, prelude: str = "") -> sub
     else:
         command = [sys.executable, "-m", "metalearn.cli", *args]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def run_cli_in_process(*args: str) -> tuple[int, str, str]:
+    """``metalearn <args>`` in this process: (exit code, stdout, stderr). For contract checks
+    that need no fresh interpreter (a subprocess costs an import of jax and Hydra)."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metalearn import cli
+
+    class _Sink(io.StringIO):
+        """Never closed: Hydra's log handlers keep the stream they were configured with."""
+
+        def close(self) -> None:
+            pass
+
+    out, err = _Sink(), _Sink()
+    argv, streams = sys.argv, (sys.stdout, sys.stderr)
+    GlobalHydra.instance().clear()
+    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
+    code = 0
+    try:
+        # No logging config from Hydra here: its dictConfig would shut down the handlers of
+        # this process (pytest's log capture among them).
+        # (--help and --cfg configure Hydra's logging before any job: use run_cli for them.)
+        quiet = ["hydra/job_logging=none", "hydra/hydra_logging=none"] if args[0] in ("train", "eval") else []
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main([*args, *quiet])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        import logging
+
+        sys.argv = argv
+        sys.stdout, sys.stderr = streams
+        GlobalHydra.instance().clear()
+        for handler in list(logging.root.handlers):  # Hydra's job logging, pointed at out/err
+            if getattr(handler, "stream", None) in (out, err):
+                logging.root.removeHandler(handler)
+    return code, out.getvalue(), err.getvalue()
+
+
+# One sweep of every algorithm on a tiny sinusoid budget, made once per session and shared by
+# the CLI, eval and report tests (copy a run with copy_run before changing it).
+SWEEP_ALGOS = ("maml", "fomaml", "caml", "metasgd", "reptile", "anil")
+SWEEP_TINY = (
+    "dataset=sinusoid",
+    "trainer.steps=30",
+    "trainer.log_every=10",
+    "trainer.val_every=15",
+    "trainer.val_tasks=10",
+    "trainer.checkpoint_every=15",
+    "trainer.progress=false",
+    "eval.n_tasks=20",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """``metalearn train -m algo=<all> ...`` (one process); job dirs ``<n>_algo=<name>``."""
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    algos = f"algo={','.join(SWEEP_ALGOS)}"
+    sweep_dir = f"hydra.sweep.dir={root / 'sweep'}"
+    run_cli("train", "-m", algos, *SWEEP_TINY, sweep_dir, cwd=root, timeout=1800)  # ~1 min unloaded
+    return root / "sweep"
+
+
+def sweep_run(sweep: Path, algo: str) -> Path:
+    """The job dir of ``algo`` in :func:`tiny_sweep`."""
+    (run,) = sweep.glob(f"*_algo={algo},*")
+    return run
+
+
+def copy_run(sweep: Path, algo: str, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(sweep_run(sweep, algo), dest))

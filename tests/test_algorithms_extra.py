@@ -1,15 +1,10 @@
 """CAML, Meta-SGD, Reptile and ANIL checked against independent computations.
 
 References are explicit per-task Python loops (no lax.scan, no vmap) written from each
-paper's update rule; the end-to-end tests run the CLI in a subprocess on a tiny budget.
+paper's update rule; the end-to-end runs are jobs of the shared sweep (conftest.tiny_sweep).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -401,31 +396,5 @@ def test_reptile_per_dataset_defaults_switch_the_outer_optimizer_to_sgd():
 
 
 # --- end to end ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("algo", ["caml", "metasgd", "reptile", "anil"])
-def test_train_end_to_end_writes_results(tmp_path, algo):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "metalearn.cli",
-            "train",
-            f"algo={algo}",
-            "dataset=sinusoid",
-            "trainer.steps=20",
-            "eval.n_tasks=20",
-            "trainer.progress=false",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["algo"] == algo and results["test"]["n_tasks"] == 20
-    assert np.isfinite(results["test"]["mean"])
+# Each algorithm trains end to end through the CLI as one job of the session's shared sweep
+# (conftest.tiny_sweep, SWEEP_ALGOS; checked in test_holes_eval.py, with `metalearn eval`).

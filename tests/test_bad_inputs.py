@@ -5,13 +5,14 @@ a few need a real job (data files, checkpoints, sweeps) and run as subprocesses.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import copy_run, run_cli, run_cli_in_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -162,34 +163,17 @@ def test_corrupt_archive_fails_in_job_and_leaves_no_run_dir(workdir):
     assert snapshot(workdir) == before
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    proc = run_cli(
-        "train",
-        *TINY,
-        "trainer.steps=10",
-        "trainer.checkpoint_every=5",
-        f"hydra.run.dir={root / 'run'}",
-        cwd=root,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return root / "run"
-
-
-def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
+def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_sweep, tmp_path):
+    run = copy_run(tiny_sweep, "maml", tmp_path / "run")
     for step_dir in (run / "checkpoints").iterdir():  # damage every checkpoint
         for f in step_dir.rglob("*"):
             if f.is_file() and "ocdbt" in str(f):
                 f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     before = snapshot(tmp_path)
-    proc = run_cli("eval", f"run_dir={run}", cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no usable checkpoint" in lines[0], proc.stderr
+    code, _, stderr = run_cli_in_process("eval", f"run_dir={run}")
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "no usable checkpoint" in lines[0], stderr
     assert snapshot(tmp_path) == before
     assert not (run / "eval").exists()
 
@@ -217,7 +201,8 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     assert not (bad / "results.json").exists()
 
 
-# Property: validate either accepts a config or raises ConfigError naming the bad key.
+# Property: validate raises ConfigError (naming the bad key) exactly when the values break a
+# rule; the rules are restated here independently of metalearn.config.validate.
 _FIELDS = {
     "algo.inner_lr": st.floats(allow_nan=True, allow_infinity=True),
     "algo.inner_steps": st.integers(-5, 10),
@@ -248,15 +233,71 @@ def test_validate_raises_only_config_errors_naming_a_key(values):
     cfg = OmegaConf.structured(Config)
     for key, value in values.items():
         OmegaConf.update(cfg, key, value)
+    broken = _broken_rules(cfg)
     try:
         validate(cfg)
     except ConfigError as err:
+        assert broken, f"valid config rejected: {err}"
         message = str(err)
         assert "\n" not in message
         named = re.match(r"invalid ([a-z_.]+(?: \+ [a-z_.]+)?)=", message)
         assert named, message
         for key in named.group(1).split(" + "):
             assert OmegaConf.select(cfg, key, default="absent") != "absent", message
+    else:
+        assert not broken, f"invalid config accepted: {broken}"
+
+
+def _broken_rules(cfg) -> list[str]:
+    """The rules (of README / config.py docs) that the sampled fields break; the other
+    fields keep their valid defaults."""
+    a, d, m, o, t = cfg.algo, cfg.dataset, cfg.model, cfg.optim, cfg.trainer
+    rules = {
+        "algo.inner_lr": math.isfinite(a.inner_lr) and a.inner_lr > 0,
+        "algo.inner_steps": a.inner_steps >= 1,
+        "algo.inner_steps_test": a.inner_steps_test >= 0,
+        "dataset.name": d.name in ("sinusoid", "omniglot"),
+        "dataset.k_shot": d.k_shot >= 1,
+        "dataset.k_query": d.k_query >= 1,
+        "model.name": m.name in ("mlp", "conv4"),
+        "model": m.name == ("mlp" if d.name == "sinusoid" else "conv4") or d.name == "mnist",
+        "optim.lr": math.isfinite(o.lr) and o.lr > 0,
+        "optim.warmup_steps": o.warmup_steps >= 0,
+        "trainer.steps": t.steps >= 0,
+        "trainer.meta_batch_size": t.meta_batch_size >= 1,
+        "trainer.keep_checkpoints": t.keep_checkpoints >= 1,
+        "trainer.on_nan": t.on_nan in ("stop", "skip"),
+        "eval.n_tasks": cfg.eval.n_tasks >= 2,
+    }
+    if d.name == "omniglot":  # 20 drawings per character; 4 rotations of 100 or 20 characters
+        rules["dataset.variant"] = d.variant in ("standard", "small")
+        rules["dataset.n_way"] = d.n_way >= 2 and d.n_way <= 4 * {"small": 20}.get(d.variant, 100)
+        rules["dataset.k_shot + dataset.k_query"] = d.k_shot + d.k_query <= 20
+    return [rule for rule, ok in rules.items() if not ok]
+
+
+@pytest.mark.parametrize(
+    "values,valid",
+    [
+        ({}, True),
+        ({"dataset.name": "omniglot", "model.name": "conv4", "dataset.n_way": 80}, True),
+        ({"dataset.name": "omniglot", "model.name": "conv4", "dataset.n_way": 401}, False),
+        ({"algo.inner_lr": float("nan")}, False),
+        ({"trainer.on_nan": "warn"}, False),
+        ({"algo.inner_steps_test": 0, "trainer.steps": 0}, True),
+    ],
+)
+def test_validate_property_oracle_examples(values, valid):
+    """The property's oracle on fixed cases, so both outcomes are always exercised."""
+    cfg = OmegaConf.structured(Config)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
+    assert (not _broken_rules(cfg)) == valid
+    if valid:
+        validate(cfg)
+    else:
+        with pytest.raises(ConfigError):
+            validate(cfg)
 
 
 def test_out_of_memory_becomes_one_line_naming_the_settings():

@@ -1,4 +1,6 @@
-"""End-to-end checks of the `metalearn` command line (subprocesses, tiny budgets)."""
+"""End-to-end checks of the `metalearn` command line on tiny budgets. The training runs are
+jobs of the session's shared sweep (conftest.tiny_sweep); contract checks that need no fresh
+interpreter run the CLI in-process (conftest.run_cli_in_process), a few stay subprocesses."""
 
 from __future__ import annotations
 
@@ -6,17 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_OMNIGLOT, run_cli
-
-TINY = [
-    "trainer.steps=30",
-    "trainer.log_every=10",
-    "trainer.val_every=15",
-    "trainer.val_tasks=10",
-    "trainer.checkpoint_every=15",
-    "trainer.progress=false",
-    "eval.n_tasks=20",
-]
+from conftest import (
+    SHARED_OMNIGLOT,
+    SWEEP_ALGOS,
+    SWEEP_TINY,
+    copy_run,
+    run_cli,
+    run_cli_in_process,
+    sweep_run,
+)
 
 
 def _train_records(run_dir: Path) -> list[dict]:
@@ -27,11 +27,11 @@ def _train_records(run_dir: Path) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def sinusoid_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sinusoid")
-    run_cli("train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={root / 'run'}", cwd=root)
-    return root / "run"
+@pytest.fixture
+def sinusoid_run(tiny_sweep) -> Path:
+    """MAML on sinusoid: 30 steps, logs every 10, validation and checkpoints every 15, 20
+    test tasks (read only; copy_run it to change it)."""
+    return sweep_run(tiny_sweep, "maml")
 
 
 def test_train_writes_run_dir(sinusoid_run):
@@ -48,28 +48,33 @@ def test_train_writes_run_dir(sinusoid_run):
 
 
 def test_same_seed_same_numbers(sinusoid_run, tmp_path):
-    run_cli(
-        "train", "algo=maml", "dataset=sinusoid", *TINY, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path
+    """A single run in another process (this one) repeats the sweep job's numbers exactly."""
+    code, out, err = run_cli_in_process(
+        "train", "algo=maml", *SWEEP_TINY, f"hydra.run.dir={tmp_path / 'again'}"
     )
+    assert code == 0, out + err
     assert _train_records(tmp_path / "again") == _train_records(sinusoid_run)
     first = json.loads((sinusoid_run / "results.json").read_text())["test"]
     second = json.loads((tmp_path / "again" / "results.json").read_text())["test"]
     assert first == second
 
 
-def test_eval_reloads_run_and_reproduces_test_result(sinusoid_run, tmp_path):
-    run_cli("eval", f"run_dir={sinusoid_run}", cwd=tmp_path)
-    evals = sorted((sinusoid_run / "eval").glob("*/results.json"))
+def test_eval_reloads_run_and_reproduces_test_result(tiny_sweep, tmp_path):
+    run = copy_run(tiny_sweep, "maml", tmp_path / "run")
+    code, out, err = run_cli_in_process("eval", f"run_dir={run}")
+    assert code == 0, out + err
+    evals = sorted((run / "eval").glob("*/results.json"))
     assert evals, "eval wrote no results.json"
     reloaded = json.loads(evals[-1].read_text())
-    trained = json.loads((sinusoid_run / "results.json").read_text())
+    trained = json.loads((run / "results.json").read_text())
     assert reloaded["test"] == trained["test"]  # same checkpoint, same test tasks
 
-    proc = run_cli(
-        "eval", f"run_dir={sinusoid_run}", "algo.inner_steps_test=5", "eval.n_tasks=40", cwd=tmp_path
+    code, out, err = run_cli_in_process(
+        "eval", f"run_dir={run}", "algo.inner_steps_test=5", "eval.n_tasks=40"
     )
-    assert "after 5 inner step(s)" in proc.stdout
-    newest = max((sinusoid_run / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    assert code == 0, out + err
+    assert "after 5 inner step(s)" in out
+    newest = max((run / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime_ns)
     more_steps = json.loads(newest.read_text())
     assert more_steps["inner_steps_test"] == 5 and more_steps["test"]["n_tasks"] == 40
 
@@ -87,16 +92,32 @@ def test_eval_reloads_run_and_reproduces_test_result(sinusoid_run, tmp_path):
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, needle):
     run_dir = tmp_path / "run"
-    proc = run_cli("train", override, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    code, _, stderr = run_cli_in_process("train", override, f"hydra.run.dir={run_dir}")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert needle in lines[0]
     assert not run_dir.exists()
 
 
+def test_bad_input_in_a_fresh_process_is_one_line(tmp_path):
+    """The same contract from a new interpreter: nothing else (import warnings, logs) on stderr."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "algo.inner_lr=-1", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "algo.inner_lr" in lines[0], proc.stderr
+    assert not run_dir.exists()
+
+
+def _stdout(*args: str, cwd: Path) -> str:
+    """A subprocess: Hydra's --help/--cfg configure logging, which in this process would shut
+    down pytest's own log handlers."""
+    return run_cli(*args, cwd=cwd).stdout
+
+
 def test_help_and_cfg(tmp_path):
-    help_text = run_cli("train", "--help", cwd=tmp_path).stdout
+    help_text = _stdout("train", "--help", cwd=tmp_path)
     groups_section = help_text.split("== Configuration groups ==")[1].split("== Config ==")[0]
     groups = {
         line.split(":")[0]: {o.strip() for o in line.split(":", 1)[1].split(",")}
@@ -107,29 +128,18 @@ def test_help_and_cfg(tmp_path):
     assert {"sinusoid", "omniglot"} <= groups["dataset"]
     assert {"mlp", "conv4"} <= groups["model"]
     assert {"adam", "sgd"} <= groups["optim"]
-    cfg_text = run_cli("train", "dataset=omniglot", "--cfg", "job", cwd=tmp_path).stdout
+    cfg_text = _stdout("train", "dataset=omniglot", "--cfg", "job", cwd=tmp_path)
     assert "name: conv4" in cfg_text and "inner_lr: 0.4" in cfg_text  # the dataset picks its model
-    cfg_text = run_cli("train", "algo=fomaml", "model.hidden=[20,20]", "--cfg", "job", cwd=tmp_path).stdout
+    cfg_text = _stdout("train", "algo=fomaml", "model.hidden=[20,20]", "--cfg", "job", cwd=tmp_path)
     assert "first_order: true" in cfg_text and "- 20" in cfg_text
 
 
-def test_multirun_sweep(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_cli(
-        "train",
-        "-m",
-        "algo=maml,fomaml",
-        "trainer.steps=5",
-        "trainer.log_every=5",
-        "trainer.val_every=0",
-        "trainer.progress=false",
-        "eval.n_tasks=10",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    results = sorted(sweep.glob("*/results.json"))
-    assert len(results) == 2
-    assert {json.loads(p.read_text())["algo"] for p in results} == {"maml", "fomaml"}
+def test_multirun_sweep(tiny_sweep):
+    """`train -m algo=...`: one job dir per algorithm, each with its results."""
+    results = sorted(tiny_sweep.glob("*/results.json"))
+    assert len(results) == len(SWEEP_ALGOS)
+    assert {json.loads(p.read_text())["algo"] for p in results} == set(SWEEP_ALGOS)
+    assert (tiny_sweep / "multirun.yaml").is_file()
 
 
 @pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
@@ -159,7 +169,7 @@ def test_omniglot_missing_archives_fail_fast(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     run_dir = tmp_path / "run"
-    proc = run_cli(
+    code, _, stderr = run_cli_in_process(
         "train",
         "dataset=omniglot",
         "dataset.variant=small",
@@ -167,9 +177,7 @@ def test_omniglot_missing_archives_fail_fast(tmp_path):
         f"dataset.data_dir={tmp_path / 'data'}",
         "dataset.download=false",
         f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-        check=False,
     )
-    assert proc.returncode == 2
-    assert "images_background_small1.zip" in proc.stderr and "dataset.manual_dir" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert code == 2
+    assert "images_background_small1.zip" in stderr and "dataset.manual_dir" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr

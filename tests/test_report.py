@@ -6,64 +6,55 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, SWEEP_ALGOS, run_cli, run_cli_in_process
 
 from metalearn.report import _pooled, aggregate, config_label, find_runs, sort_rows, write_report
 from metalearn.reproduce import SUITES, plan
 
-SWEEP_TINY = [
-    "trainer.steps=6",
-    "trainer.log_every=2",
-    "trainer.val_every=3",
-    "trainer.val_tasks=4",
-    "trainer.checkpoint_every=0",
-    "trainer.progress=false",
-    "eval.n_tasks=10",
-]
 
-
-def test_sweep_then_report_one_row_per_configuration(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_cli(
-        "train", "-m", "algo=maml,fomaml", "dataset=sinusoid", "seed=0,1", *SWEEP_TINY,
-        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-    )  # fmt: skip
+def test_sweep_then_report_one_row_per_configuration(tiny_sweep, tmp_path):
+    """`metalearn report` over the session's real sweep (one seed per algorithm; seeds are
+    pooled in test_grouping_sorting_and_pooled_ci), plus a failed job of the same sweep."""
+    sweep = Path(shutil.copytree(tiny_sweep, tmp_path / "sweep"))
     # A failed job of the same sweep: marked, not aggregated.
     broken = sweep / "9_broken"
     (broken / ".hydra").mkdir(parents=True)
     (broken / ".hydra" / "config.yaml").write_text("seed: 0\nrun_dir: null\n")
     maml_job = next(p for p in sweep.glob("*/.hydra/overrides.yaml") if "algo=maml" in p.read_text())
-    overrides = [o if not o.startswith("seed=") else "seed=7" for o in yaml.safe_load(maml_job.read_text())]
+    overrides = [*yaml.safe_load(maml_job.read_text()), "seed=7"]
     (broken / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (broken / "error.txt").write_text("invalid something\n")
 
-    proc = run_cli("report", str(sweep), "--out", str(tmp_path / "rep"), cwd=tmp_path)
-    assert "report written to" in proc.stdout
+    code, out, err = run_cli_in_process("report", str(sweep), "--out", str(tmp_path / "rep"))
+    assert code == 0 and "report written to" in out, out + err
     with (tmp_path / "rep" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    by_algo = {("fomaml" if "algo=fomaml" in r["configuration"] else "maml"): r for r in rows}
-    assert len(rows) == 2 and set(by_algo) == {"maml", "fomaml"}
+    by_algo = {re.search(r"algo=(\w+)", r["configuration"]).group(1): r for r in rows}
+    assert len(rows) == len(SWEEP_ALGOS) and set(by_algo) == set(SWEEP_ALGOS)
     for algo, row in by_algo.items():
-        assert row["seeds"] == "0 1" and row["metric"] == "mse", row
+        assert row["seeds"] == "0" and row["metric"] == "mse", row
         assert "seed=" not in row["configuration"]
-        means = [
+        (mean,) = [
             json.loads(p.read_text())["test"]["mean"]
             for p in sweep.glob("*/results.json")
             if json.loads(p.read_text())["algo"] == algo
         ]
-        assert math.isclose(float(row["mean"]), sum(means) / 2, rel_tol=1e-9)
-        assert float(row["ci95"]) > 0 and float(row["seed_std"]) >= 0
-    assert by_algo["maml"]["failed"] == "1" and by_algo["fomaml"]["failed"] == "0"
+        assert math.isclose(float(row["mean"]), mean, rel_tol=1e-9)
+        assert float(row["ci95"]) > 0
+        assert row["failed"] == ("1" if algo == "maml" else "0")
     # Sorted by MSE, ascending.
-    assert float(rows[0]["mean"]) <= float(rows[1]["mean"])
+    means = [float(r["mean"]) for r in rows]
+    assert means == sorted(means)
     md = (tmp_path / "rep" / "results.md").read_text()
     assert "## Failed runs" in md and "invalid something" in md
     pngs = sorted((tmp_path / "rep" / "curves").glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    assert len(pngs) == len(SWEEP_ALGOS) and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], mean: float | None, ci: float = 0.1, n: int = 100):
@@ -138,14 +129,37 @@ def test_reproduce_runs_a_suite_end_to_end(tmp_path):
     assert (out / "results.csv").is_file() and list((out / "curves").glob("*.png"))
 
 
+def _event_scalars(folder: Path) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the TFRecord event files of ``folder``
+    (records: 8-byte length, 4-byte crc, the Event proto, 4-byte crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
+
+
 def test_tensorboard_event_files(tmp_path):
-    pytest.importorskip("tensorboardX")
+    """tensorboardX is in the test extra, so this runs in CI (no skip)."""
     from metalearn.metrics import JsonlLogger
 
     logger = JsonlLogger(tmp_path / "metrics.jsonl", tensorboard=True)
     logger.log({"step": 1, "split": "train", "loss": 0.5, "mse": 0.4})
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 0.5
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    logger.log({"step": 4, "split": "validation", "mse": 0.25, "n_tasks": 10, "note": "text"})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 0.5
+    scalars = {(tag, step): value for tag, step, value in _event_scalars(tmp_path / "tensorboard")}
+    assert scalars == pytest.approx(
+        {("train/loss", 1): 0.5, ("train/mse", 1): 0.4, ("validation/mse", 4): 0.25,
+         ("validation/n_tasks", 4): 10.0}
+    )  # fmt: skip
 
 
 def test_tensorboard_off_by_default_and_missing_extra_is_one_line(tmp_path, monkeypatch):

@@ -70,6 +70,7 @@ def final_params(run_dir: Path) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
+@pytest.mark.slow
 def test_sigkill_three_times_then_resume_matches_uninterrupted(tmp_path):
     """Also: blocks of several meta-steps per call (trainer.steps_per_call=0, automatic)
     against one step per call, with on_nan=skip. Checkpoints every 30 steps and logs every
@@ -84,7 +85,7 @@ def test_sigkill_three_times_then_resume_matches_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     rng = random.Random(0)
     resume = []
-    for target in sorted(rng.sample(range(20, 290, 10), 3)):
+    for target in sorted(rng.sample(range(20, 130, 10), 3)):  # >= 20 steps left after each
         p = subprocess.Popen(
             cli(*args, *resume, f"hydra.run.dir={killed}"),
             cwd=tmp_path,
@@ -121,17 +122,18 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     while last_step(run_dir) < 20:
         assert p.poll() is None, p.communicate()
         time.sleep(0.01)
-    sent = time.perf_counter()
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=30)
-    assert time.perf_counter() - sent < 5
+    _, err = p.communicate(timeout=120)  # of 1000000 steps: it stopped, it did not finish
     assert p.returncode == 143, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "SIGTERM" in lines[0], err
     assert f"trainer.resume=true hydra.run.dir={run_dir}" in lines[0]
+    # It stopped at the step the message names, and checkpointed exactly that step (the
+    # step it was in when signalled; the wall-clock time to get there depends on the load).
+    stopped_at = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
+    assert checkpoint_steps(run_dir)[0] == stopped_at >= 20
+    assert max(r["step"] for r in records(run_dir)) <= stopped_at
     # The signal's checkpoint is complete: a short resume continues from it.
-    stopped_at = checkpoint_steps(run_dir)[0]
-    assert stopped_at >= 20
     proc = run(
         "train",
         "trainer.resume=true",
