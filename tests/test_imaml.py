@@ -40,7 +40,9 @@ def test_conjugate_gradient_solves_spd_system_and_stops_safely(float64):
     b = jnp.asarray(rng.normal(size=6))
     # n iterations solve an n x n SPD system exactly (up to rounding); more are harmless.
     for steps in (6, 12):
-        np.testing.assert_allclose(conjugate_gradient(lambda v: a @ v, b, steps), np.linalg.solve(a, b), rtol=1e-8)
+        np.testing.assert_allclose(
+            conjugate_gradient(lambda v: a @ v, b, steps), np.linalg.solve(a, b), rtol=1e-8
+        )
     # One iteration is only the steepest-descent step: far from the solution.
     assert not np.allclose(conjugate_gradient(lambda v: a @ v, b, 1), np.linalg.solve(a, b), rtol=1e-3)
 
@@ -66,8 +68,8 @@ def test_meta_gradient_equals_direct_solve_with_the_full_hessian(float64):
         task = jax.tree.map(lambda a, i=i: a[i], tasks)
         phi = algo.adapt(params, task.support_x, task.support_y, keys[i], inner_steps)
         flat_phi, unravel = ravel_pytree(phi)
-        support = lambda v, t=task: problem.loss(unravel(v), t.support_x, t.support_y)
-        query = lambda v, t=task: problem.loss(unravel(v), t.query_x, t.query_y)
+        support = lambda v, t=task, u=unravel: problem.loss(u(v), t.support_x, t.support_y)
+        query = lambda v, t=task, u=unravel: problem.loss(u(v), t.query_x, t.query_y)
         hessian = jax.hessian(support)(flat_phi)
         system = jnp.eye(flat_phi.size) + hessian / lam
         assert np.linalg.eigvalsh(np.asarray(system)).min() > 0.05  # CG's assumption holds here
@@ -133,6 +135,7 @@ def test_quadratic_inner_loss_matches_the_closed_form(float64):
     def outer(t):
         p = jnp.linalg.solve(jnp.asarray(a_s) + lam * jnp.eye(2), jnp.asarray(c_s) + lam * t)
         return 0.5 * p @ jnp.asarray(a_q) @ p - jnp.asarray(c_q) @ p
+
     np.testing.assert_allclose(jax.grad(outer)(jnp.asarray(th)), closed, rtol=1e-10)
 
 
@@ -162,8 +165,14 @@ def test_meta_gradient_memory_does_not_grow_with_inner_steps():
 def test_imaml_trains_on_sinusoid_from_the_cli(tmp_path):
     run = tmp_path / "run"
     run_cli(
-        "train", "algo=imaml", "trainer.steps=3", "trainer.val_every=0", "eval.n_tasks=4",
-        "trainer.progress=false", f"hydra.run.dir={run}", cwd=REPO,
+        "train",
+        "algo=imaml",
+        "trainer.steps=3",
+        "trainer.val_every=0",
+        "eval.n_tasks=4",
+        "trainer.progress=false",
+        f"hydra.run.dir={run}",
+        cwd=REPO,
     )
     assert (run / "results.json").is_file()
 
