@@ -193,12 +193,25 @@ def test_n_way_train_only_for_metric_algorithms():
         validate(_cfg("maml", n_way_train=20))
 
 
-@pytest.mark.parametrize("algo", ["protonet", "protomaml"])
-def test_regression_dataset_is_a_one_line_error(tmp_path, algo):
+def test_regression_dataset_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="invalid algo.name='protomaml'.*dataset=sinusoid"):
+        validate(make_cfg(algo={"name": "protomaml"}))
     proc = run_cli(
-        "train", f"algo={algo}", "dataset=sinusoid", f"hydra.run.dir={tmp_path / 'r'}", cwd=REPO, check=False
+        "train", "algo=protonet", "dataset=sinusoid", f"hydra.run.dir={tmp_path / 'r'}", cwd=REPO, check=False
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "algo.name" in lines[0] and "sinusoid" in lines[0], proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_suites_skip_mini_imagenet_without_its_files(tmp_path):
+    from metalearn.reproduce import SUITES, plan
+
+    jobs, notes = plan(SUITES["protonet"], (0,), tmp_path, "/data/omni", None, [])
+    assert [e for e, _, _ in jobs] == ["protonet_omniglot_5w1s", "protonet_omniglot_20w1s"]
+    assert len(notes) == 2 and all("--mini-imagenet-dir" in n for n in notes)
+    jobs, notes = plan(SUITES["imaml"], (0,), tmp_path, None, None, [], "/data/mini")
+    assert [e for e, _, _ in jobs] == ["imaml_miniimagenet_5w1s"] and "dataset.manual_dir=/data/mini" in jobs[
+        0
+    ][2]
