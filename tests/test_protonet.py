@@ -65,7 +65,7 @@ def _features_with_identity_head(cfg, problem, params, x):
     dim = 2 * 2 * cfg.model.filters  # 8x8 input, two stride-2 blocks -> 2x2x filters
     twin = make_model(cfg.model, problem.source.input_shape, dim)
     full = dict(params, head={"kernel": jnp.eye(dim, dtype=jnp.float64), "bias": jnp.zeros(dim, jnp.float64)})
-    return np.asarray(twin.apply(full, x))
+    return np.asarray(jax.jit(twin.apply)(full, x))
 
 
 def test_protonet_logits_equal_hand_written_distances(float64):
@@ -78,7 +78,9 @@ def test_protonet_logits_equal_hand_written_distances(float64):
 
     zs = _features_with_identity_head(cfg, problem, params, task.support_x)
     zq = _features_with_identity_head(cfg, problem, params, task.query_x)
-    np.testing.assert_allclose(embed(problem.model, params, task.support_x), zs, rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(lambda p, x: embed(problem.model, p, x))(params, task.support_x), zs, rtol=1e-12
+    )
     ys, n_way = np.asarray(task.support_y), cfg.dataset.n_way
     centers = [np.mean([zs[i] for i in range(len(ys)) if ys[i] == k], axis=0) for k in range(n_way)]
     expected = np.array(
