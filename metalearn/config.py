@@ -78,6 +78,12 @@ class AlgoConfig:
     lslr: bool = True
     per_step_bn: bool = True
     first_order_steps: int = 0
+    # iMAML (conf/algo/imaml.yaml): strength lam of the proximal term (lam/2)||phi - theta||^2
+    # of the inner problem, conjugate-gradient steps for the implicit meta-gradient
+    # (I + H/lam)^-1 g, and a damping added to the linear system: (I + damping*I + H/lam).
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_damping: float = 0.0
 
 
 @dataclass
@@ -86,6 +92,10 @@ class DatasetConfig:
 
     name: str = "sinusoid"
     n_way: int = 1
+    # Ways of the meta-training episodes when they differ from the evaluation episodes'
+    # (Prototypical Networks train 60-way for 5-way tests); null: dataset.n_way. Only for
+    # algorithms without a fixed-size output layer (protonet, protomaml).
+    n_way_train: int | None = None
     k_shot: int = 10
     k_query: int = 10
     # sinusoid regression: amplitude ~ U[amp_min, amp_max], phase ~ U[phase_min, phase_max],
@@ -294,6 +304,8 @@ def register_configs() -> None:
 
 _DATASETS = ("sinusoid", *IMAGE_DATASETS)
 _MODELS = ("mlp", "conv4", "resnet12")
+# Algorithms that classify by distances to class prototypes: no regression, any number of ways.
+_METRIC_ALGOS = ("protonet", "protomaml")
 _OPTIMS = ("adam", "sgd")
 # Omniglot facts (metalearn/data/omniglot.py), repeated here so validation needs no data
 # imports: drawings per character and the characters of the smallest (validation) split.
@@ -324,6 +336,9 @@ def validate(cfg: Any) -> None:
         need(a.msl_steps >= 1, "algo.msl_steps", a.msl_steps, ">= 1 (meta-steps of loss-weight annealing)")
         fo = a.first_order_steps
         need(fo >= 0, "algo.first_order_steps", fo, ">= 0 (0: no derivative-order annealing)")
+    need(math.isfinite(a.lam) and a.lam > 0, "algo.lam", a.lam, "> 0")
+    need(a.cg_steps >= 1, "algo.cg_steps", a.cg_steps, ">= 1")
+    need(math.isfinite(a.cg_damping) and a.cg_damping >= 0, "algo.cg_damping", a.cg_damping, ">= 0")
     need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
     need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
     test_batch = a.inner_batch_size_test
@@ -360,6 +375,23 @@ def validate(cfg: Any) -> None:
             )
 
     need(d.name in _DATASETS, "dataset.name", d.name, f"one of {list(_DATASETS)}")
+    if a.name in _METRIC_ALGOS:
+        need(
+            d.name != "sinusoid",
+            "algo.name",
+            a.name,
+            f"an algorithm that can regress for dataset=sinusoid ({a.name} classifies by distances to "
+            "class prototypes: use an image dataset)",
+        )
+    if d.n_way_train is not None:
+        need(
+            a.name in _METRIC_ALGOS,
+            "dataset.n_way_train",
+            d.n_way_train,
+            f"null for algo={a.name} (its output layer has dataset.n_way units); only "
+            f"{' and '.join(_METRIC_ALGOS)} train on more ways than they test",
+        )
+        need(d.n_way_train >= 2, "dataset.n_way_train", d.n_way_train, ">= 2 or null")
     need(d.k_shot >= 1, "dataset.k_shot", d.k_shot, ">= 1")
     need(d.k_query >= 1, "dataset.k_query", d.k_query, ">= 1")
     if d.name == "sinusoid":

@@ -25,6 +25,7 @@ from pathlib import Path
 from metalearn.report import write_report
 
 OMNIGLOT_ENV = "METALEARN_OMNIGLOT_DIR"
+MINI_IMAGENET_ENV = "METALEARN_MINI_IMAGENET_DIR"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,33 @@ SUITES: dict[str, Suite] = {
         expected="12 runs x 60k steps on one H200, about 40 min (estimated: first order makes the "
         "5-step 20-way runs about 2.3x faster, scripts/bench.py)",
     ),
+    # Issue 13's algorithms. MAML++ presets come from metalearn/algos/mamlpp.py's branch.
+    "mamlpp": Suite(
+        experiments=(
+            "mamlpp_omniglot_5w1s",
+            "mamlpp_omniglot_20w1s",
+            "mamlpp_miniimagenet_5w1s",
+            "mamlpp_miniimagenet_5w5s",
+        ),
+        expected="12 runs; accelerator-sized (not measured here)",
+    ),
+    "imaml": Suite(
+        experiments=("imaml_omniglot_5w1s", "imaml_omniglot_20w1s", "imaml_miniimagenet_5w1s"),
+        expected="9 runs of 20k-60k steps with 16-25 inner steps; accelerator-sized (not measured here)",
+    ),
+    "protonet": Suite(
+        experiments=(
+            "protonet_omniglot_5w1s",
+            "protonet_omniglot_20w1s",
+            "protonet_miniimagenet_5w1s",
+            "protonet_miniimagenet_5w5s",
+        ),
+        expected="12 runs of 20k-30k single-episode steps; accelerator-sized (not measured here)",
+    ),
+    "protomaml": Suite(
+        experiments=("protomaml_omniglot_5w1s",),
+        expected="3 runs of 60k steps at MAML's Omniglot cost (first order); accelerator-sized",
+    ),
     "others": Suite(
         experiments=("caml_sinusoid_k10", "metasgd_omniglot_5w1s", "reptile_omniglot_5w1s"),
         expected="9 runs on one H200: a few minutes for CAML sinusoid, 2-4 min per Omniglot run",
@@ -93,6 +121,10 @@ def _needs_omniglot(experiment: str) -> bool:
     return "omniglot" in experiment
 
 
+def _needs_mini_imagenet(experiment: str) -> bool:
+    return "miniimagenet" in experiment
+
+
 def plan(
     suite: Suite,
     seeds: tuple[int, ...],
@@ -100,11 +132,22 @@ def plan(
     omniglot_dir: str | None,
     data_dir: str | None,
     extra: list[str],
+    mini_imagenet_dir: str | None = None,
 ) -> tuple[list[tuple[str, int, list[str]]], list[str]]:
     """The jobs ``(experiment, seed, argv)`` and notes on what is skipped and why."""
     jobs, notes = [], []
     for exp in suite.experiments:
         args = [f"experiment={exp}", *suite.overrides, *suite.per_experiment.get(exp, ())]
+        if _needs_mini_imagenet(exp):
+            if not mini_imagenet_dir:
+                notes.append(
+                    f"skipped {exp}: needs the mini-ImageNet files; pass --mini-imagenet-dir DIR or set "
+                    f"{MINI_IMAGENET_ENV}"
+                )
+                continue
+            args.append(f"dataset.manual_dir={mini_imagenet_dir}")
+            if data_dir:
+                args.append(f"dataset.data_dir={data_dir}")
         if _needs_omniglot(exp):
             if not omniglot_dir:  # None or "" (an empty --manual-dir disables the env default)
                 notes.append(
@@ -151,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         "Omniglot presets are skipped without it",
     )
     parser.add_argument(
+        "--mini-imagenet-dir",
+        default=os.environ.get(MINI_IMAGENET_ENV),
+        help=f"folder with the mini-ImageNet files (default: ${MINI_IMAGENET_ENV}); "
+        "mini-ImageNet presets are skipped without it",
+    )
+    parser.add_argument(
         "--data-dir", default=None, help="dataset cache (dataset.data_dir) for image datasets"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
@@ -163,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = SUITES[args.suite]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
     out = args.out or Path("outputs/reproduce") / args.suite / time.strftime("%Y-%m-%d_%H-%M-%S")
-    jobs, notes = plan(suite, seeds, out.resolve(), args.manual_dir, args.data_dir, args.overrides)
+    jobs, notes = plan(
+        suite, seeds, out.resolve(), args.manual_dir, args.data_dir, args.overrides, args.mini_imagenet_dir
+    )
     for note in notes:
         print(f"metalearn reproduce: {note}", flush=True)
     if args.dry_run:

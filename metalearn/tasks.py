@@ -248,7 +248,9 @@ class HostSampler:
         return tuple(index_shape) + self.arrays[split]["images"].shape[-3:]
 
 
-def _split_layout(split: str, arr: Any, n_way: int, n_per_class: int) -> tuple[dict[str, np.ndarray], int]:
+def _split_layout(
+    split: str, arr: Any, n_way: int, n_per_class: int, way_key: str = "dataset.n_way"
+) -> tuple[dict[str, np.ndarray], int]:
     """The sampler's data for one split, and how many classes were dropped as too small.
 
     A class-indexed array (C, per_class, H, W, C) stays as it is ({"images"}); a
@@ -265,7 +267,7 @@ def _split_layout(split: str, arr: Any, n_way: int, n_per_class: int) -> tuple[d
         keep = np.flatnonzero(counts >= n_per_class)
         if len(keep) < n_way:
             raise ConfigError(
-                f"invalid dataset.n_way={n_way} with {k_msg}: the {split} split has only {len(keep)} "
+                f"invalid {way_key}={n_way} with {k_msg}: the {split} split has only {len(keep)} "
                 f"classes with at least {n_per_class} images (of {len(counts)} classes)"
             )
         images = np.concatenate([arr.images[starts[c] : starts[c] + counts[c]] for c in keep])
@@ -279,14 +281,21 @@ def _split_layout(split: str, arr: Any, n_way: int, n_per_class: int) -> tuple[d
         }
         return layout, len(counts) - len(keep)
     if arr.shape[0] < n_way:
-        raise ConfigError(f"invalid dataset.n_way={n_way}: the {split} split has only {arr.shape[0]} classes")
+        raise ConfigError(f"invalid {way_key}={n_way}: the {split} split has only {arr.shape[0]} classes")
     if arr.shape[1] < n_per_class:
         raise ConfigError(f"invalid {k_msg}: the {split} split has only {arr.shape[1]} images per class")
     return {"images": arr}, 0
 
 
 def _episode_indices(data: dict[str, Any], key: jax.Array, n_way: int, n_per_class: int) -> Any:
-    """Indices of one episode for a split's sampler data (see :func:`_split_layout`)."""
+    """Indices of one episode for a split's sampler data (see :func:`_split_layout`).
+
+    A split whose data holds ``ways`` (the training split with ``dataset.n_way_train``) draws
+    ``len(ways)`` classes instead of ``n_way``; like ``slots``, the array carries the number
+    as a static shape.
+    """
+    if "ways" in data:
+        n_way = data["ways"].shape[0]
     if "counts" in data:
         max_count = data["slots"].shape[0]
         return ragged_indices(key, data["offsets"], data["counts"], max_count, n_way, n_per_class)
@@ -311,6 +320,8 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
     k_query_test = getattr(cfg, "k_query_test", None)
     per_task_rotations = getattr(cfg, "rotation_sampling", "classes") == "per_task"
+    # Training episodes may have more (or fewer) ways than evaluation ones (ProtoNets).
+    n_way_train = getattr(cfg, "n_way_train", None) or n_way
 
     def per_class(split: str) -> int:
         """Images per class of one episode of ``split`` (evaluation splits: k_query_test)."""
@@ -318,7 +329,11 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
 
     layouts, dropped = {}, {}
     for split, arr in arrays.items():
-        layouts[split], dropped[split] = _split_layout(split, arr, n_way, per_class(split))
+        ways = n_way_train if split == "train" else n_way
+        way_key = "dataset.n_way_train" if ways != n_way else "dataset.n_way"
+        layouts[split], dropped[split] = _split_layout(split, arr, ways, per_class(split), way_key)
+        if ways != n_way:
+            layouts[split]["ways"] = np.zeros((ways,), np.uint8)
         if per_class(split) != k_shot + k_query:
             # The episode size rides along as a static shape (like "slots"), so the one
             # ``sample`` serves every split.

@@ -90,6 +90,7 @@ def test_preset_composes_and_trains(name, tmp_path, omniglot_cache, request):
         # Synthetic pickles in the real format, scaled to 6/5/5 classes of 20 images.
         manual, data = request.getfixturevalue("scaled_mini_imagenet")
         overrides += [f"dataset.manual_dir={manual}", f"dataset.data_dir={data}", "dataset.k_query=3"]
+        overrides += ["dataset.n_way_train=null"]  # the scaled split has 6 training classes
     cfg = _compose(overrides)
     results = train(cfg, tmp_path / "run")
     assert results["test"]["metric"] == cfg.paper.metric

@@ -4,9 +4,12 @@ from metalearn.algos.adml import make_adml
 from metalearn.algos.anil import make_anil
 from metalearn.algos.base import MetaLearner, Problem, inner_sgd
 from metalearn.algos.caml import make_caml
+from metalearn.algos.imaml import make_imaml
 from metalearn.algos.maml import make_maml
 from metalearn.algos.mamlpp import make_mamlpp
 from metalearn.algos.metasgd import make_metasgd
+from metalearn.algos.protomaml import make_protomaml
+from metalearn.algos.protonet import make_protonet
 from metalearn.algos.reptile import make_reptile
 
 ALGORITHMS = {
@@ -18,6 +21,9 @@ ALGORITHMS = {
     "reptile": make_reptile,
     "anil": make_anil,
     "mamlpp": make_mamlpp,
+    "imaml": make_imaml,
+    "protonet": make_protonet,
+    "protomaml": make_protomaml,
 }
 
 

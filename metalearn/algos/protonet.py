@@ -1,0 +1,117 @@
+"""Prototypical Networks (Snell et al., 2017).
+
+An embedding f_theta (the model without its final ``head`` layer: Conv4's or ResNet-12's
+flattened features) maps each image to a vector. For a task with support S, class k's
+prototype is the mean embedding of its support examples,
+
+    c_k = (1 / |S_k|) sum_{(x, y) in S, y = k} f_theta(x),
+
+and a query x is classified by a softmax over negative squared Euclidean distances,
+
+    logits_k(x) = -||f_theta(x) - c_k||^2.
+
+There is no inner loop: adapting to a task is computing its prototypes (``steps`` is
+ignored). The outer objective is the mean over tasks of the query cross-entropy; its
+gradient flows through the query embeddings and the prototypes.
+
+Support and query sets are embedded as two batches, so BatchNorm's batch statistics (the
+models are transductive, see metalearn/models.py) are those of the support set for the
+prototypes and of the query set for the queries, at training and at test time alike.
+
+Training episodes may have more ways than test episodes (``dataset.n_way_train``, as in
+the paper): the number of classes is not fixed by any parameter.
+
+Labels are integers 0..n-1. The number of classes n is a trace-time constant that the
+shapes do not give (n * k_shot = Ns), so logits have one column per support example, Ns:
+column k is class k, and the columns of labels with no support example (k >= n when
+k_shot > 1) hold ``MASKED_LOGIT``, a large negative number (their softmax probability is
+exactly 0, so loss, gradient and argmax are those of the n real classes).
+
+State: meta_params = the model's parameter pytree without ``head``; adapted = the
+prototypes (Ns, D) and a mask (Ns,) of the classes present.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean
+from metalearn.models import Model
+from metalearn.tasks import Task
+
+HEAD = "head"
+# Logit of a label with no support example: exp(MASKED_LOGIT - any real logit) is 0.
+MASKED_LOGIT = -1e30
+
+
+def _skip_head(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+    """Flax method interceptor: the module named ``head`` returns its input unchanged."""
+    if context.module.name == HEAD and context.method_name == "__call__":
+        return args[0]
+    return next_fun(*args, **kwargs)
+
+
+def embedding_params(model: Model, key: jax.Array) -> Any:
+    """The model's initial parameters without the ``head`` subtree."""
+    params = model.init(key)
+    if HEAD not in params:
+        raise ValueError(f"the model needs a top-level {HEAD!r} layer to drop; got {sorted(params)}")
+    return {k: v for k, v in params.items() if k != HEAD}
+
+
+def embed(model: Model, params: Any, x: jax.Array) -> jax.Array:
+    """The features the model's ``head`` would receive: x (B, *input) -> (B, D), in at least
+    float32 (under mixed precision the features are up-cast, as the head's input is)."""
+    with nn.intercept_methods(_skip_head):
+        z = model.apply(params, x)
+    return z.astype(jnp.promote_types(z.dtype, jnp.float32))
+
+
+class Prototypes(NamedTuple):
+    """centers: (Ns, D), row k the mean embedding of label k's support examples (0 if none);
+    present: (Ns,) bool, whether label k has a support example."""
+
+    centers: jax.Array
+    present: jax.Array
+
+
+def prototypes(z: jax.Array, y: jax.Array) -> Prototypes:
+    """Class means of support embeddings z (Ns, D) with integer labels y (Ns,) in [0, Ns)."""
+    onehot = jax.nn.one_hot(y, z.shape[0], dtype=z.dtype)  # (Ns, Ns): example x label
+    counts = onehot.sum(axis=0)
+    centers = (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None]
+    return Prototypes(centers, counts > 0)
+
+
+def distance_logits(z: jax.Array, protos: Prototypes) -> jax.Array:
+    """-||z_i - c_k||^2 for queries z (Nq, D): (Nq, Ns), absent labels masked."""
+    d2 = jnp.sum(jnp.square(z[:, None, :] - protos.centers[None, :, :]), axis=-1)
+    return jnp.where(protos.present[None, :], -d2, MASKED_LOGIT)
+
+
+def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
+    """cfg: AlgoConfig (no settings are used: there is no inner loop)."""
+    del cfg
+    model, source = problem.model, problem.source
+
+    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
+        del key, steps
+        return prototypes(embed(model, params, support_x), support_y)
+
+    def predict(params: Any, protos: Prototypes, x: jax.Array) -> jax.Array:
+        return distance_logits(embed(model, params, x), protos)
+
+    def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = predict(params, adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
+        return source.loss(logits, task.query_y), source.metric(logits, task.query_y)
+
+    return MetaLearner(
+        init=lambda key: embedding_params(model, key),
+        meta_grad=gradient_of_mean(task_loss, source.metric_name),
+        adapt=adapt,
+        predict=predict,
+    )
