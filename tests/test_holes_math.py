@@ -173,9 +173,11 @@ def test_caml_miniimagenet_preset_film_after_block_3_of_its_conv4():
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     f = cfg.model.filters
     assert params["film"]["dense"]["kernel"].shape == (cfg.algo.context_size, 2 * f)
-    # Max-pool after each block: 84 -> 42 -> 21 -> 10; block 3 runs at 21x21.
+    # Max-pool after each block: 84 -> 42 -> 21 -> 10; block 3's conv runs at 21x21, and the
+    # preset (CAVIA's cavia_model.py) applies FiLM after that block's max-pool, at 10x10.
+    assert cfg.model.film_position == "post_pool"
     x = jnp.zeros((1, 84, 84, 3))
-    assert _film_input_shapes(model, params, x, jnp.zeros(cfg.algo.context_size)) == [(1, 21, 21, f)]
+    assert _film_input_shapes(model, params, x, jnp.zeros(cfg.algo.context_size)) == [(1, 10, 10, f)]
 
 
 def test_resnet12_film_sits_on_the_third_stage_with_distinct_widths():
@@ -245,6 +247,8 @@ def _written_out_lr(step: int, lr: float, warmup: int, total: int, schedule: str
     decay = max(total, warmup + 1) - warmup
     progress = min(step - warmup, decay) / decay
     end = lr * final
+    if schedule == "linear":  # supervised-reptile's meta step: a straight line to the end value
+        return lr + (end - lr) * progress
     return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -281,10 +285,11 @@ def test_make_optimizer_reptile_preset_decays_the_meta_step_to_zero():
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
         cfg = compose(config_name="config", overrides=["experiment=reptile_omniglot_5w1s"])
     o = cfg.optim
-    assert (o.name, o.schedule, o.lr, o.final_lr_fraction) == ("sgd", "cosine", 1.0, 0.0)
+    # supervised-reptile/train.py: eps = frac_done * meta_step_final + (1 - frac_done) * meta_step
+    assert (o.name, o.schedule, o.lr, o.final_lr_fraction) == ("sgd", "linear", 1.0, 0.0)
     total = 8  # the preset's schedule shape over a short budget
     got = _sgd_rates(make_optimizer(o, total), total + 1)
-    want = [_written_out_lr(s, o.lr, o.warmup_steps, total, "cosine", 0.0) for s in range(total + 1)]
+    want = [_written_out_lr(s, o.lr, o.warmup_steps, total, "linear", 0.0) for s in range(total + 1)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert got[0] == pytest.approx(1.0) and got[total] == pytest.approx(0.0, abs=1e-7)
 
