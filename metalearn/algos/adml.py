@@ -48,7 +48,7 @@ from typing import Any
 import jax
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, reductions, scaled
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, loss_reductions
 from metalearn.algos.maml import make_maml
 from metalearn.attacks import make_attack
 from metalearn.tasks import Task
@@ -69,7 +69,7 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
 
     # The inner loop and prediction are MAML's; ADML differs only in its outer loss.
     maml = make_maml(cfg, problem)
-    outer_loss = reductions(cfg)[1]
+    losses = loss_reductions(cfg, source)
     adapt, predict = maml.adapt, maml.predict
 
     def adversarial(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
@@ -88,7 +88,7 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
         loss = source.loss(model.apply(theta_c, query_adv), task.query_y) + source.loss(
             model.apply(theta_a, task.query_x), task.query_y
         )
-        loss = scaled(loss, outer_loss, task.query_x, task.support_x, source.output_dim)
+        loss = losses.query(loss, task.query_x, task.support_x)
         metric = source.metric(model.apply(theta_c, task.query_x), task.query_y)
         return loss, metric
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, reductions, scaled
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, loss_reductions
 from metalearn.tasks import Task
 
 HEAD = "head"
@@ -42,16 +42,12 @@ def _with_head(params: Any, head: Any) -> Any:
 def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
     model, source = problem.model, problem.source
-    inner_loss, outer_loss = reductions(cfg)
-    n_way = source.output_dim
-
-    def support_loss(loss: jax.Array, support_x: jax.Array) -> jax.Array:
-        return scaled(loss, inner_loss, support_x, support_x, n_way)
+    losses = loss_reductions(cfg, source)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda h: support_loss(problem.loss(_with_head(params, h), support_x, support_y), support_x),
+            lambda h: losses.support(problem.loss(_with_head(params, h), support_x, support_y), support_x),
             _head(params),
             cfg.inner_lr,
             steps,
@@ -65,7 +61,7 @@ def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         head = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = predict(params, head, task.query_x)
-        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
     return MetaLearner(

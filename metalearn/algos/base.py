@@ -179,6 +179,32 @@ def scaled(loss: jax.Array, reduction: str, x: jax.Array, support_x: jax.Array, 
     return loss * loss_scale(reduction, x.shape[0], support_x.shape[0], n_way)
 
 
+class Reductions(NamedTuple):
+    """An AlgoConfig's ``algo.inner_loss``/``outer_loss`` bound to the task's way count.
+
+    Each method takes ``loss``, a mean over the rows of its examples, and returns it under
+    the reduction; K (shots) is read from support_x: (Ns, *input).
+    """
+
+    inner: str
+    outer: str
+    n_way: int
+
+    def support(self, loss: jax.Array, support_x: jax.Array) -> jax.Array:
+        """The inner-loop loss on support_x: (Ns, *input)."""
+        return scaled(loss, self.inner, support_x, support_x, self.n_way)
+
+    def query(self, loss: jax.Array, query_x: jax.Array, support_x: jax.Array) -> jax.Array:
+        """The outer loss on query_x: (Nq, *input) of the task whose support is support_x."""
+        return scaled(loss, self.outer, query_x, support_x, self.n_way)
+
+
+def loss_reductions(cfg: Any, source: TaskSource) -> Reductions:
+    """The loss reductions of AlgoConfig ``cfg`` for tasks from ``source``."""
+    inner, outer = reductions(cfg)
+    return Reductions(inner, outer, source.output_dim)
+
+
 def mean_over_tasks(
     task_loss: Callable[[PyTree, Task, jax.Array], tuple[jax.Array, jax.Array]],
     meta_params: PyTree,

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, reductions, scaled
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, loss_reductions
 from metalearn.models import with_context
 from metalearn.tasks import Task
 
@@ -39,17 +39,13 @@ def make_caml(cfg: Any, problem: Problem) -> MetaLearner:
     source = problem.source
     # The trainer builds the plain model; CAML needs its context-conditioned twin.
     model = with_context(problem.model, source.input_shape, cfg.context_size)
-    inner_loss, outer_loss = reductions(cfg)
-    n_way = source.output_dim
-
-    def support_loss(loss: jax.Array, support_x: jax.Array) -> jax.Array:
-        return scaled(loss, inner_loss, support_x, support_x, n_way)
+    losses = loss_reductions(cfg, source)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         context = jnp.zeros((cfg.context_size,), support_x.dtype)  # every task starts at zero
         return inner_sgd(
-            lambda c: support_loss(source.loss(model.apply(params, support_x, c), support_y), support_x),
+            lambda c: losses.support(source.loss(model.apply(params, support_x, c), support_y), support_x),
             context,
             cfg.inner_lr,
             steps,
@@ -60,7 +56,7 @@ def make_caml(cfg: Any, problem: Problem) -> MetaLearner:
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         context = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = model.apply(params, task.query_x, context)
-        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
     def predict(params: Any, context: jax.Array, x: jax.Array) -> jax.Array:

@@ -29,8 +29,7 @@ from metalearn.algos.base import (
     adapt_mask,
     gradient_of_mean,
     inner_sgd,
-    reductions,
-    scaled,
+    loss_reductions,
 )
 from metalearn.tasks import Task
 
@@ -40,14 +39,13 @@ def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
     first_order = bool(cfg.first_order) or cfg.name == "fomaml"
     model, source = problem.model, problem.source
 
-    inner_loss, outer_loss = reductions(cfg)
+    losses = loss_reductions(cfg, source)
     adapt_bn = bool(getattr(cfg, "adapt_bn", True))
-    n_way = source.output_dim
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda p: scaled(problem.loss(p, support_x, support_y), inner_loss, support_x, support_x, n_way),
+            lambda p: losses.support(problem.loss(p, support_x, support_y), support_x),
             params,
             cfg.inner_lr,
             steps,
@@ -59,7 +57,7 @@ def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         adapted = adapt(params, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = model.apply(adapted, task.query_x)
-        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
     def predict(params: Any, adapted: Any, x: jax.Array) -> jax.Array:

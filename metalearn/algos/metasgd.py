@@ -33,8 +33,7 @@ from metalearn.algos.base import (
     adapt_mask,
     gradient_of_mean,
     inner_sgd,
-    reductions,
-    scaled,
+    loss_reductions,
 )
 from metalearn.tasks import Task
 
@@ -42,9 +41,8 @@ from metalearn.tasks import Task
 def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: AlgoConfig (inner_lr: initial per-parameter rate, inner_steps, first_order, remat)."""
     model, source = problem.model, problem.source
-    inner_loss, outer_loss = reductions(cfg)
+    losses = loss_reductions(cfg, source)
     adapt_bn = bool(getattr(cfg, "adapt_bn", True))
-    n_way = source.output_dim
 
     def init(key: jax.Array) -> Any:
         params = model.init(key)
@@ -54,7 +52,7 @@ def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
     def adapt(meta: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
         return inner_sgd(
-            lambda p: scaled(problem.loss(p, support_x, support_y), inner_loss, support_x, support_x, n_way),
+            lambda p: losses.support(problem.loss(p, support_x, support_y), support_x),
             meta["params"],
             meta["lrs"],
             steps,
@@ -66,7 +64,7 @@ def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
     def task_loss(meta: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         adapted = adapt(meta, task.support_x, task.support_y, key, cfg.inner_steps)
         pred = model.apply(adapted, task.query_x)
-        loss = scaled(source.loss(pred, task.query_y), outer_loss, task.query_x, task.support_x, n_way)
+        loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
     def predict(meta: Any, adapted: Any, x: jax.Array) -> jax.Array:
