@@ -226,6 +226,35 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _write_summary(
+    cfg: Any, state: Any, steps: int, fields: dict, csv_path: Path, said: tuple[str, str, str], say
+) -> dict:
+    """Write and return summary.json (next to ``csv_path``, the predictions): the run and
+    checkpoint, then ``fields`` (what was predicted, from which support, the score); say it in
+    one line.
+
+    said: (query, support, score) as words, e.g. ("12 query files", "25 support images of
+    5 classes", "accuracy 80.00% (8/10)").
+    """
+    summary = {
+        "run_dir": str(cfg.run_dir),
+        "algo": str(cfg.algo.name),
+        "inner_steps_test": steps,
+        "checkpoint_step": int(state.step),
+        "seed": int(cfg.seed),
+        **fields,
+        "predictions": str(csv_path),
+    }
+    write_json(csv_path.parent / "summary.json", summary)
+    query, support, score = said
+    say(
+        f"predicted {query} with {cfg.algo.name} after {steps} inner step(s) on "
+        f"{support}: {score}; predictions in {csv_path}",
+        flush=True,
+    )
+    return summary
+
+
 def run_predict(run: Any, out_dir: str | Path, say=print) -> dict:
     """Predict as configured by ``run`` (a :class:`metalearn.run_config.RunConfig`); write
     predictions.csv and summary.json to ``out_dir``; returns the summary."""
@@ -271,12 +300,7 @@ def run_predict(run: Any, out_dir: str | Path, say=print) -> dict:
     known = [i for i, t in enumerate(truth) if t is not None]
     correct = sum(classes[pred[i]] == truth[i] for i in known)
     accuracy = correct / len(known) if known else None
-    summary = {
-        "run_dir": str(cfg.run_dir),
-        "algo": str(cfg.algo.name),
-        "inner_steps_test": steps,
-        "checkpoint_step": int(state.step),
-        "seed": int(cfg.seed),
+    fields = {
         "support": {
             "path": str(cfg.support),
             "classes": classes,
@@ -289,16 +313,14 @@ def run_predict(run: Any, out_dir: str | Path, say=print) -> dict:
         "outputs_used": len(classes),
         "preprocessing": record,
         "applied": {"support": s_done, "query": q_done},
-        "predictions": str(csv_path),
     }
-    write_json(out_dir / "summary.json", summary)
     score = f"accuracy {accuracy:.2%} ({correct}/{len(known)})" if known else "no true classes given"
-    say(
-        f"predicted {len(files)} query files with {cfg.algo.name} after {steps} inner step(s) on "
-        f"{len(flat_support)} support images of {len(classes)} classes: {score}; predictions in {csv_path}",
-        flush=True,
+    said = (
+        f"{len(files)} query files",
+        f"{len(flat_support)} support images of {len(classes)} classes",
+        score,
     )
-    return summary
+    return _write_summary(cfg, state, steps, fields, csv_path, said, say)
 
 
 def _predict_regression(run: Any, out_dir: Path, steps: int, say) -> dict:
@@ -332,23 +354,12 @@ def _predict_regression(run: Any, out_dir: Path, steps: int, say) -> dict:
         for i in range(len(query)):
             writer.writerow([f"{query[i, 0]:.9g}", f"{y_pred[i]:.9g}", f"{query[i, 1]:.9g}" if known else ""])
     mse = float(np.mean((y_pred.astype(np.float64) - query[:, 1]) ** 2)) if known else None
-    summary = {
-        "run_dir": str(cfg.run_dir),
-        "algo": str(cfg.algo.name),
-        "inner_steps_test": steps,
-        "checkpoint_step": int(state.step),
-        "seed": int(cfg.seed),
+    fields = {
         "support": {"path": str(support_path), "points": len(support)},
         "query": {"path": str(query_path), "points": len(query), "with_true_y": len(query) if known else 0},
         "mse": mse,
         "preprocessing": record,
-        "predictions": str(csv_path),
     }
-    write_json(out_dir / "summary.json", summary)
     score = f"MSE {mse:.4f}" if known else "no true y given"
-    say(
-        f"predicted {len(query)} query points with {cfg.algo.name} after {steps} inner step(s) on "
-        f"{len(support)} support points: {score}; predictions in {csv_path}",
-        flush=True,
-    )
-    return summary
+    said = (f"{len(query)} query points", f"{len(support)} support points", score)
+    return _write_summary(cfg, state, steps, fields, csv_path, said, say)
