@@ -69,7 +69,7 @@ from metalearn.data.pipeline import (
     DatasetSpec,
     Paths,
     describe,
-    load_arrays,
+    load_with_arrays,
     ragged_keys,
     ragged_problem,
     ragged_splits,
@@ -401,9 +401,7 @@ def load_image_folder_with_names(
         split_ratios=ratios,
         split_seed=split_seed,
     )
-    arrays, cache = load_arrays(SPEC, settings)
-    data = SPEC.to_splits(arrays)
-    log.info("image_folder %s: %s; cache %s", path, describe(data), cache)
+    data, arrays = load_with_arrays(SPEC, settings, what=f"image_folder {path}")
     names = {split: [str(n) for n in arrays[f"{split}_classes"]] for split in SPLITS}
     return data, names
 

@@ -83,13 +83,16 @@ from metalearn.data.common import SPLITS, load_npz
 from metalearn.data.pipeline import (
     DatasetSpec,
     Paths,
+    check_image_size,
     class_array_problem,
     load,
     prepare_tfds,
     read_split,
+    resize_images,
+    stack_by_class,
     text,
 )
-from metalearn.errors import ConfigError, DataError
+from metalearn.errors import DataError
 
 __all__ = [
     "IMAGES_PER_CLASS",
@@ -476,12 +479,6 @@ def cache_path(data_dir: str | os.PathLike, layout: str, image_size: int) -> Pat
     return Path(data_dir).expanduser() / CACHE_DIRNAME / name
 
 
-def _check_image_size(image_size) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
-        raise ConfigError(f"dataset.image_size must be a positive integer, got {image_size!r}")
-    return int(image_size)
-
-
 def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:
     size = int(cfg.image_size)
     problem = class_array_problem(arrays, (size, size, 3))
@@ -536,9 +533,7 @@ def _read_tfds(layout: str, data_root: Path, manual: Path, files: Mapping[str, P
                 f"{WHAT} TFDS build {builder.data_dir} has a {split} split of {len(by_class)} classes "
                 f"(expected {len(expected)} x {IMAGES_PER_CLASS} images); delete that folder to rebuild it"
             )
-        arrays[split] = np.stack(
-            [np.stack([img for _, img in sorted(by_class[w], key=lambda t: t[0])]) for w in expected]
-        )
+        arrays[split] = stack_by_class(by_class, expected)
     return arrays
 
 
@@ -546,17 +541,14 @@ def _resize(classes: np.ndarray, image_size: int) -> np.ndarray:
     """(C, K, 84, 84, 3) -> (C, K, size, size, 3) uint8 with PIL LANCZOS (no-op at 84)."""
     if image_size == IMAGE_SIDE:
         return classes
-    flat = classes.reshape(-1, IMAGE_SIDE, IMAGE_SIDE, 3)
-    out = np.empty((len(flat), image_size, image_size, 3), np.uint8)
-    for i, img in enumerate(flat):
-        out[i] = np.asarray(Image.fromarray(img).resize((image_size, image_size), RESIZE_FILTER))
-    return out.reshape(*classes.shape[:2], image_size, image_size, 3)
+    flat = resize_images(classes.reshape(-1, IMAGE_SIDE, IMAGE_SIDE, 3), image_size)
+    return flat.reshape(*classes.shape[:2], image_size, image_size, 3)
 
 
 def _locate(cfg: Any, paths: Paths) -> tuple[str, Mapping[str, Path] | None]:
     """(layout, its files) in manual_dir; without usable files there, the layout of an earlier
     cache (same image size), else of an earlier TFDS build (files None); else DataError."""
-    size = _check_image_size(cfg.image_size)
+    size = check_image_size(cfg.image_size)
     located = locate_files(paths.manual)
     if located.layout is not None:
         return located.layout, located.files

@@ -37,7 +37,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from metalearn.data.common import (
     DATA_DIR_ENV,  # noqa: F401 (re-exported)
@@ -56,13 +55,16 @@ from metalearn.data.omniglot_tfds import (
 from metalearn.data.pipeline import (
     DatasetSpec,
     Paths,
+    check_image_size,
     class_array_problem,
     load,
     prepare_tfds,
     read_split,
+    resize_images,
+    stack_by_class,
     text,
 )
-from metalearn.errors import ConfigError, DataError
+from metalearn.errors import DataError
 
 __all__ = [
     "SPLIT_SIZES",
@@ -131,12 +133,7 @@ def split_characters(keys, variant: str, split_seed: int) -> dict[str, list[str]
 def _to_model_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
     """(N, 105, 105) uint8, strokes 0 -> (N, size, size) uint8, strokes 255 (inverted, resized)."""
     inverted = 255 - images  # strokes become the bright foreground the models expect
-    if image_size == IMAGE_SIDE:
-        return inverted
-    out = np.empty((len(images), image_size, image_size), np.uint8)
-    for i, img in enumerate(inverted):
-        out[i] = np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.LANCZOS))
-    return out
+    return resize_images(inverted, image_size)
 
 
 def _with_rotations(classes: np.ndarray) -> np.ndarray:
@@ -178,15 +175,12 @@ def _read_tfds(
                 f"Omniglot character {key} has {len(by_key[key])} drawings, expected "
                 f"{DRAWINGS_PER_CHARACTER}; delete {builder.data_dir} to rebuild it"
             )
-    images = np.stack([np.stack([img for _, img in sorted(by_key[k], key=lambda d: d[0])]) for k in keys])
-    return keys, images
+    return keys, stack_by_class(by_key, keys)
 
 
 def _locate(cfg: Any, paths: Paths) -> None:
     check_variant(cfg.variant)
-    size = cfg.image_size
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ConfigError(f"dataset.image_size must be a positive integer, got {size!r}")
+    check_image_size(cfg.image_size)
 
 
 def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:

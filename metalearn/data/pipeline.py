@@ -53,7 +53,7 @@ from metalearn.data.common import (
     save_npz_atomic,
     tfds_in_memory_shuffle,
 )
-from metalearn.errors import DataError
+from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +292,49 @@ def load_arrays(spec: DatasetSpec, cfg: Any) -> tuple[dict[str, np.ndarray], Pat
 def load(spec: DatasetSpec, cfg: Any) -> dict[str, Any]:
     """``{split: class-indexed uint8 array or ClassImages}`` of ``spec`` for settings ``cfg``,
     with the description line logged."""
+    return load_with_arrays(spec, cfg)[0]
+
+
+def load_with_arrays(spec: DatasetSpec, cfg: Any, what: str | None = None) -> tuple[dict[str, Any], dict]:
+    """Like :func:`load`, plus the cached arrays themselves, for what ``to_splits`` leaves out
+    (e.g. class names). ``what``: the dataset's name in the description line (default
+    ``spec.what``)."""
     arrays, path = load_arrays(spec, cfg)
     splits = spec.to_splits(arrays)
-    log.info("%s: %s; cache %s", spec.what, describe(splits), path)
-    return splits
+    log.info("%s: %s; cache %s", what or spec.what, describe(splits), path)
+    return splits, arrays
 
 
 # ----------------------------------------------------------------------------- shared steps
 
 RESAMPLE = Image.Resampling.LANCZOS
+
+
+def check_image_size(image_size: Any) -> int:
+    """``dataset.image_size`` as an int; ConfigError unless it is a positive integer."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ConfigError(f"dataset.image_size must be a positive integer, got {image_size!r}")
+    return int(image_size)
+
+
+def resize_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """Square uint8 images (N, S, S) or (N, S, S, C) -> (N, image_size, image_size[, C]), each
+    resized with PIL LANCZOS; returned as they are when S is already ``image_size``."""
+    if images.shape[1] == image_size:
+        return images
+    out = np.empty((len(images), image_size, image_size, *images.shape[3:]), np.uint8)
+    for i, img in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(img).resize((image_size, image_size), RESAMPLE))
+    return out
+
+
+def stack_by_class(groups: Mapping[str, list[tuple[int, np.ndarray]]], classes: Sequence[str]) -> np.ndarray:
+    """``{class: [(order, image), ...]}`` -> (len(classes), images per class, *image) with the
+    classes in the order of ``classes`` and each class's images sorted by ``order`` (records
+    come back from TFDS shuffled)."""
+    return np.stack(
+        [np.stack([img for _, img in sorted(groups[c], key=lambda pair: pair[0])]) for c in classes]
+    )
 
 
 def to_pixels(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
