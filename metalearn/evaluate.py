@@ -8,7 +8,7 @@ from typing import Any
 from metalearn.checkpoint import load_checkpoint
 from metalearn.config import validate
 from metalearn.metrics import write_json
-from metalearn.train import evaluate_final, format_final, init_state, setup
+from metalearn.train import final_line, final_results, init_state, setup
 
 
 def evaluate(cfg: Any, out_dir: str | Path, run: Any = None) -> dict[str, Any]:
@@ -39,32 +39,9 @@ def evaluate(cfg: Any, out_dir: str | Path, run: Any = None) -> dict[str, Any]:
     else:
         exp = setup(cfg)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
-    final = evaluate_final(
-        exp,
-        state.params,
-        cfg,
-        cfg.eval.split,
-        cfg.eval.n_tasks,
-        cfg.algo.inner_steps_test,
-        state.algo_state,
-    )
-    results = {
-        **final,
-        "split": cfg.eval.split,
-        "inner_steps_test": cfg.algo.inner_steps_test,
-        "algo": cfg.algo.name,
-        "dataset": cfg.dataset.name,
-        "seed": cfg.seed,
-        "steps": int(state.step),
-        "run_dir": str(cfg.run_dir),
-        "paper": dict(cfg.paper) if "paper" in cfg else None,
-    }
+    results = final_results(exp, state, cfg, int(state.step), {"run_dir": str(cfg.run_dir)})
     if cross is not None:
         results.update(train_dataset=run.train_dataset.name, cross_domain=cross)
     write_json(out_dir / "results.json", results)
-    print(
-        f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
-        f"results in {out_dir / 'results.json'}",
-        flush=True,
-    )
+    print(final_line(results, cfg, out_dir / "results.json"), flush=True)
     return results

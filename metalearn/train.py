@@ -505,6 +505,41 @@ def format_final(entries: dict[str, Any], split: str) -> str:
     return line
 
 
+def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entries: dict) -> dict[str, Any]:
+    """results.json for ``state``: :func:`evaluate_final` on ``cfg.eval.split`` after
+    ``cfg.algo.inner_steps_test`` inner steps, what was evaluated, ``steps``, then the caller's
+    ``entries`` (timings, run folder) and the preset's published number."""
+    final = evaluate_final(
+        exp,
+        state.params,
+        cfg,
+        cfg.eval.split,
+        cfg.eval.n_tasks,
+        cfg.algo.inner_steps_test,
+        state.algo_state,
+    )
+    return {
+        **final,
+        "split": cfg.eval.split,
+        "inner_steps_test": cfg.algo.inner_steps_test,
+        "algo": cfg.algo.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "steps": steps,
+        **entries,
+        # The preset's published number, if any (conf/experiment/), for reports.
+        "paper": dict(cfg.paper) if "paper" in cfg else None,
+    }
+
+
+def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
+    """One line: the final evaluation in ``results`` and where it was written."""
+    return (
+        f"{format_final(results, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
+        f"results in {path}"
+    )
+
+
 def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
     if not all(math.isfinite(v) for v in values.values()):
         bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
@@ -828,33 +863,10 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         if batches is not None:
             batches.close()
 
-    final = evaluate_final(
-        exp,
-        state.params,
-        cfg,
-        cfg.eval.split,
-        cfg.eval.n_tasks,
-        cfg.algo.inner_steps_test,
-        state.algo_state,
+    results = final_results(
+        exp, state, cfg, t.steps, {"train_time_s": train_time, "compile_time_s": compile_s}
     )
-    results = {
-        **final,
-        "split": cfg.eval.split,
-        "inner_steps_test": cfg.algo.inner_steps_test,
-        "algo": cfg.algo.name,
-        "dataset": cfg.dataset.name,
-        "seed": cfg.seed,
-        "steps": t.steps,
-        "train_time_s": train_time,
-        "compile_time_s": compile_s,
-        # The preset's published number, if any (conf/experiment/), for reports.
-        "paper": dict(cfg.paper) if "paper" in cfg else None,
-    }
     if main:  # multi-process hook
         write_json(run_dir / "results.json", results)
-    say(
-        f"{format_final(final, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
-        f"results in {run_dir / 'results.json'}",
-        flush=True,
-    )
+    say(final_line(results, cfg, run_dir / "results.json"), flush=True)
     return results
