@@ -200,6 +200,30 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def workload_experiment(workload: str, model: dict, algo: dict, placement: str = "device") -> tuple:
+    """(Experiment, task source, default meta-batch) of ``WORKLOADS[workload]`` with ``model``
+    settings over the workload's and ``algo`` settings over the defaults (inner_lr 0.01).
+
+    Image workloads get random uint8 data, 40 classes x 20 images of the workload's shape per
+    split: a meta-step's cost does not depend on the pixel values.
+    """
+    dataset, model_defaults, shape, default_batch = WORKLOADS[workload]
+    cfg = OmegaConf.structured(Config)
+    cfg.dataset = OmegaConf.merge(cfg.dataset, dataset)
+    cfg.model = OmegaConf.merge(cfg.model, dict(model_defaults, **model))
+    for key, value in {**algo, "inner_lr": 0.01}.items():
+        setattr(cfg.algo, key, value)
+    if shape is None:
+        source = sinusoid_source(cfg.dataset)
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {
+            s: rng.integers(0, 256, (40, 20, *shape), dtype=np.uint8) for s in ("train", "validation", "test")
+        }
+        source = image_source(cfg.dataset, arrays, placement=placement)
+    return setup(cfg, source), source, default_batch
+
+
 def bench_one(
     workload: str,
     algo: str,
@@ -215,22 +239,13 @@ def bench_one(
     peak_flops: float | None = None,
     peak_bytes: float | None = None,
 ) -> dict:
-    dataset, model, shape, default_batch = WORKLOADS[workload]
-    cfg = OmegaConf.structured(Config)
-    cfg.dataset = OmegaConf.merge(cfg.dataset, dataset)
-    cfg.model = OmegaConf.merge(cfg.model, dict(model, conv_impl=conv_impl, compute_dtype=compute_dtype))
-    cfg.algo.name, cfg.algo.inner_steps, cfg.algo.remat = algo, inner_steps, remat
-    cfg.algo.inner_lr = 0.01
+    exp, source, default_batch = workload_experiment(
+        workload,
+        {"conv_impl": conv_impl, "compute_dtype": compute_dtype},
+        {"name": algo, "inner_steps": inner_steps, "remat": remat},
+        placement,
+    )
     batch = meta_batch or default_batch
-    if shape is None:
-        source = sinusoid_source(cfg.dataset)
-    else:
-        rng = np.random.default_rng(0)
-        arrays = {
-            s: rng.integers(0, 256, (40, 20, *shape), dtype=np.uint8) for s in ("train", "validation", "test")
-        }
-        source = image_source(cfg.dataset, arrays, placement=placement)
-    exp = setup(cfg, source)
     mesh = task_mesh()  # all local devices, as in `metalearn train`
     state = init_state(exp, seed=0, mesh=mesh)
     if source.host is not None and steps_per_call != 1:

@@ -24,33 +24,16 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS, compiled_memory_bytes  # noqa: E402
+from bench import WORKLOADS, compiled_memory_bytes, workload_experiment  # noqa: E402
 
-from metalearn.config import Config  # noqa: E402
-from metalearn.tasks import image_source, sinusoid_source  # noqa: E402
-from metalearn.train import init_state, make_meta_step, replicate, setup, task_mesh  # noqa: E402
+from metalearn.train import init_state, make_meta_step, replicate, task_mesh  # noqa: E402
 
 
 def compiled_memory(workload: str, algo: str, inner_steps: int, meta_batch: int | None) -> dict:
-    dataset, model, shape, default_batch = WORKLOADS[workload]
-    cfg = OmegaConf.structured(Config)
-    cfg.dataset = OmegaConf.merge(cfg.dataset, dataset)
-    cfg.model = OmegaConf.merge(cfg.model, model)
-    cfg.algo.name, cfg.algo.inner_steps, cfg.algo.inner_lr = algo, inner_steps, 0.01
+    exp, source, default_batch = workload_experiment(workload, {}, {"name": algo, "inner_steps": inner_steps})
     batch = meta_batch or default_batch
-    if shape is None:
-        source = sinusoid_source(cfg.dataset)
-    else:
-        rng = np.random.default_rng(0)
-        arrays = {
-            s: rng.integers(0, 256, (40, 20, *shape), dtype=np.uint8) for s in ("train", "validation", "test")
-        }
-        source = image_source(cfg.dataset, arrays, placement="device")
-    exp = setup(cfg, source)
     mesh = task_mesh()
     state = init_state(exp, seed=0, mesh=mesh)
     data = replicate(source.splits["train"], mesh)
