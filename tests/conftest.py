@@ -217,3 +217,32 @@ def copy_run(sweep: Path, algo: str, dest: Path) -> Path:
     import shutil
 
     return Path(shutil.copytree(sweep_run(sweep, algo), dest))
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir``/metrics.jsonl without their wall-clock fields (``steps_per_s``,
+    ``time_s``), so that the rows of two runs of the same config compare equal."""
+    import json
+
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("steps_per_s", None)
+        r.pop("time_s", None)
+        out.append(r)
+    return out
+
+
+def counting_traces(exp):
+    """(``exp`` with a task sampler that appends to ``traces`` each time it is traced, ``traces``):
+    a jitted meta-step that never retraces leaves one entry, however many times it runs."""
+    import dataclasses
+
+    traces = []
+    original = exp.source.sample
+
+    def counting_sample(data, key):
+        traces.append(1)  # runs only while tracing
+        return original(data, key)
+
+    return exp._replace(source=dataclasses.replace(exp.source, sample=counting_sample)), traces

@@ -13,18 +13,11 @@ from conftest import (
     SWEEP_ALGOS,
     SWEEP_TINY,
     copy_run,
+    metric_records,
     run_cli,
     run_cli_in_process,
     sweep_run,
 )
-
-
-def _train_records(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for r in records:  # wall-clock fields differ between runs
-        r.pop("steps_per_s", None)
-        r.pop("time_s", None)
-    return records
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def test_train_writes_run_dir(sinusoid_run):
     test = results["test"]
     assert test["metric"] == "mse" and test["n_tasks"] == 20
     assert test["mean"] > 0 and test["ci95"] > 0
-    records = _train_records(sinusoid_run)
+    records = metric_records(sinusoid_run)
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [10, 20, 30]
     assert [r["step"] for r in records if r["split"] == "validation"] == [15, 30]
@@ -53,7 +46,7 @@ def test_same_seed_same_numbers(sinusoid_run, tmp_path):
         "train", "algo=maml", *SWEEP_TINY, f"hydra.run.dir={tmp_path / 'again'}"
     )
     assert code == 0, out + err
-    assert _train_records(tmp_path / "again") == _train_records(sinusoid_run)
+    assert metric_records(tmp_path / "again") == metric_records(sinusoid_run)
     first = json.loads((sinusoid_run / "results.json").read_text())["test"]
     second = json.loads((tmp_path / "again" / "results.json").read_text())["test"]
     assert first == second

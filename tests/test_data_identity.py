@@ -10,20 +10,19 @@ class names), so any change to a split, class order, image order or pixel fails 
 from __future__ import annotations
 
 import hashlib
-import zipfile
 
 import numpy as np
 import pytest
 from conftest import SHARED_OMNIGLOT, scaled_mini_imagenet_split, write_mini_imagenet_pickles
 from test_cifar_fewshot_data import BINARY, write_binary_archive
 from test_image_folder_data import make_flat
-from test_omniglot_data import drawing_png, synth_archives
+from test_omniglot_data import synth_archives, synth_standard_archives
 
 from metalearn.data import cifar_fewshot as cf
 from metalearn.data import image_folder as imf
 from metalearn.data import mini_imagenet as mi
 from metalearn.data import omniglot as om
-from metalearn.data.common import ClassImages, sha256_of
+from metalearn.data.common import ClassImages
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -82,17 +81,7 @@ def test_omniglot_synthetic_small(tmp_path):
 
 def test_omniglot_synthetic_standard(tmp_path):
     manual = tmp_path / "manual"
-    manual.mkdir()
-    layout = {"images_background": {"Alpha": 6}, "images_evaluation": {"Beta": 4}}
-    checksums = {}
-    for root, alphabets in layout.items():
-        with zipfile.ZipFile(manual / f"{root}.zip", "w") as zf:
-            for alphabet, n_chars in alphabets.items():
-                for c in range(1, n_chars + 1):
-                    key = f"{alphabet}/character{c:02d}"
-                    for d in range(1, 21):
-                        zf.writestr(f"{root}/{key}/0001_{d:02d}.png", drawing_png(key, d))
-        checksums[f"{root}.zip"] = sha256_of(manual / f"{root}.zip")
+    checksums = synth_standard_archives(manual)
     arrays = om.load_omniglot(
         "standard", str(manual), str(tmp_path / "d"), image_size=14, checksums=checksums
     )

@@ -12,7 +12,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cfg, synthetic_image_arrays
+from conftest import counting_traces, make_cfg, synthetic_image_arrays
 
 from metalearn.algos import Problem, make_algorithm
 from metalearn.models import make_model
@@ -163,16 +163,7 @@ def test_vmapped_meta_step_equals_mean_of_per_task_loop(float64):
 def test_meta_step_does_not_retrace():
     cfg = make_cfg(model={"hidden": [8]}, trainer={"meta_batch_size": 3})
     exp = setup(cfg)
-    traces = []
-    original = exp.source.sample
-
-    def counting_sample(data, key):
-        traces.append(1)  # runs only while tracing
-        return original(data, key)
-
-    import dataclasses
-
-    exp = exp._replace(source=dataclasses.replace(exp.source, sample=counting_sample))
+    exp, traces = counting_traces(exp)
     step = make_meta_step(exp, 3)
     state = init_state(exp, seed=0)
     for _ in range(5):

@@ -6,14 +6,13 @@ references are plain Python loops over explicit inner steps (no lax.scan, vmap o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cfg, run_cli, synthetic_image_arrays
+from conftest import counting_traces, make_cfg, run_cli, synthetic_image_arrays
 from flax import traverse_util
 
 from metalearn.algos import Problem, make_algorithm
@@ -252,14 +251,7 @@ def test_training_meta_step_crosses_the_order_switch_without_recompiling():
     cfg.model.blocks, cfg.trainer.meta_batch_size = 1, 2
     problem = _problem(cfg)
     exp = setup(cfg, problem.source)
-    traces = []
-    original = exp.source.sample
-
-    def counting_sample(data, key):
-        traces.append(1)  # runs only while tracing
-        return original(data, key)
-
-    exp = exp._replace(source=dataclasses.replace(exp.source, sample=counting_sample))
+    exp, traces = counting_traces(exp)
     step = make_meta_step(exp, 2)
     state = init_state(exp, seed=0)
     for _ in range(5):  # first order, then second order, MSL on, then off

@@ -63,6 +63,23 @@ def synth_archives(folder: Path) -> dict[str, str]:
     return checksums
 
 
+def synth_standard_archives(folder: Path) -> dict[str, str]:
+    """Write synthetic archives of the ``standard`` variant (10 characters of 20 drawings:
+    6 in images_background, 4 in images_evaluation); return {name: sha256}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    layout = {"images_background": {"Alpha": 6}, "images_evaluation": {"Beta": 4}}
+    checksums = {}
+    for root, alphabets in layout.items():
+        with zipfile.ZipFile(folder / f"{root}.zip", "w") as zf:
+            for alphabet, n_chars in alphabets.items():
+                for c in range(1, n_chars + 1):
+                    key = f"{alphabet}/character{c:02d}"
+                    for d in range(1, 21):
+                        zf.writestr(f"{root}/{key}/0001_{d:02d}.png", drawing_png(key, d))
+        checksums[f"{root}.zip"] = omt.sha256_of(folder / f"{root}.zip")
+    return checksums
+
+
 def synth_fingerprints() -> dict[bytes, str]:
     """Inverted (strokes 255) first drawing of each unique synthetic character -> its key."""
     out = {}
@@ -221,17 +238,7 @@ def test_real_small_archives(tmp_path, monkeypatch):
 
 def test_synthetic_standard_variant(tmp_path):
     manual = tmp_path / "manual"
-    manual.mkdir()
-    layout = {"images_background": {"Alpha": 6}, "images_evaluation": {"Beta": 4}}
-    checksums = {}
-    for root, alphabets in layout.items():
-        with zipfile.ZipFile(manual / f"{root}.zip", "w") as zf:
-            for alphabet, n_chars in alphabets.items():
-                for c in range(1, n_chars + 1):
-                    key = f"{alphabet}/character{c:02d}"
-                    for d in range(1, 21):
-                        zf.writestr(f"{root}/{key}/0001_{d:02d}.png", drawing_png(key, d))
-        checksums[f"{root}.zip"] = omt.sha256_of(manual / f"{root}.zip")
+    checksums = synth_standard_archives(manual)
     arrays = om.load_omniglot("standard", str(manual), str(tmp_path), image_size=14, checksums=checksums)
     n_train, n_val, n_test = om.split_sizes("standard", 10)
     assert {s: a.shape[0] for s, a in arrays.items()} == {

@@ -5,7 +5,6 @@ state. References are explicit Python loops written from the reference's update 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_cfg, synthetic_image_arrays
+from conftest import make_cfg, metric_records, synthetic_image_arrays
 
 from metalearn.algos import Problem, make_algorithm
 from metalearn.algos.reptile import minibatch_indices, split_examples
@@ -294,16 +293,6 @@ def test_preset_is_the_reference_command():
 # --- kill and resume with the carried state -------------------------------------------------
 
 
-def _records(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("steps_per_s", None)  # wall-clock fields
-        r.pop("time_s", None)
-        out.append(r)
-    return out
-
-
 def _final_state(run_dir: Path) -> dict:
     import orbax.checkpoint as ocp
 
@@ -350,7 +339,7 @@ def test_kill_and_resume_is_bitwise_exact_with_the_carried_inner_state(tmp_path)
     cfg.trainer.resume = True
     resumed = train(cfg, killed)
 
-    assert _records(killed) == _records(ref)
+    assert metric_records(killed) == metric_records(ref)
     assert resumed["test"] == first["test"]
     a, b = _final_state(killed), _final_state(ref)
     nu = jax.tree.leaves(b["algo_state"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import metric_records
 
 from metalearn.checkpoint import CHECKPOINT_DIR, checkpoint_steps
 
@@ -41,16 +42,6 @@ def cli(*args: str) -> list[str]:
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cli(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def records(run_dir: Path) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("steps_per_s", None)  # wall-clock fields
-        r.pop("time_s", None)
-        out.append(r)
-    return out
 
 
 def last_step(run_dir: Path) -> int:
@@ -101,7 +92,7 @@ def test_sigkill_three_times_then_resume_matches_uninterrupted(tmp_path):
     proc = run(*args, *resume, f"hydra.run.dir={killed}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
-    assert records(killed) == records(ref)
+    assert metric_records(killed) == metric_records(ref)
     for a, b in zip(final_params(killed), final_params(ref), strict=True):
         assert np.array_equal(a, b)
     test = lambda d: json.loads((d / "results.json").read_text())["test"]
@@ -132,7 +123,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     # step it was in when signalled; the wall-clock time to get there depends on the load).
     stopped_at = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
     assert checkpoint_steps(run_dir)[0] == stopped_at >= 20
-    assert max(r["step"] for r in records(run_dir)) <= stopped_at
+    assert max(r["step"] for r in metric_records(run_dir)) <= stopped_at
     # The signal's checkpoint is complete: a short resume continues from it.
     proc = run(
         "train",
@@ -177,7 +168,7 @@ def test_nan_stops_with_last_good_checkpoint_intact_and_skip_finishes(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    train = [r for r in records(skip_dir) if r["split"] == "train"]
+    train = [r for r in metric_records(skip_dir) if r["split"] == "train"]
     assert train[-1]["skipped_steps"] == 20
     assert all(np.isfinite(a).all() for a in final_params(skip_dir))
 
