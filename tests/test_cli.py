@@ -135,6 +135,9 @@ def test_multirun_sweep(tiny_sweep):
     assert (tiny_sweep / "multirun.yaml").is_file()
 
 
+# Slow tier: the default run trains Omniglot presets from the shared archives in-process
+# (test_experiments) and checks their parsing (test_omniglot_data, test_data_identity).
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
 def test_omniglot_small_from_shared_archives(tmp_path):
     run_dir = tmp_path / "run"

@@ -42,6 +42,9 @@ def make_image_folder(root: Path, classes: int = 32, seed: int = 0) -> Path:
     return root
 
 
+# Slow tier: the default run trains an image folder in-process (test_predict.folder_run)
+# and checks eval's reproduction on the shared sweep (test_holes_eval).
+@pytest.mark.slow
 def test_image_folder_train_then_eval(tmp_path):
     images = make_image_folder(tmp_path / "my_images")
     run_dir = tmp_path / "run"
@@ -65,6 +68,8 @@ def test_image_folder_train_then_eval(tmp_path):
     assert evaluated["test"]["mean"] == pytest.approx(results["test"]["mean"], abs=1e-6)
 
 
+# Slow tier: host vs device placement is checked in-process by test_placement.
+@pytest.mark.slow
 def test_image_folder_host_placement_matches_device(tmp_path):
     images = make_image_folder(tmp_path / "imgs")
     out = {}
@@ -87,6 +92,9 @@ def test_image_folder_host_placement_matches_device(tmp_path):
     np.testing.assert_allclose(out["host"], out["device"], rtol=1e-5)
 
 
+# Slow tier: the default run trains the mini-ImageNet presets on the same synthetic files
+# in-process (test_experiments) and parses them in test_mini_imagenet_data.
+@pytest.mark.slow
 def test_mini_imagenet_from_synthetic_files(tmp_path):
     split = scaled_mini_imagenet_split()
     manual = write_mini_imagenet_pickles(tmp_path / "manual", split, per_class=20)

@@ -1,5 +1,6 @@
 """Every experiment preset (conf/experiment/*.yaml) composes, records a paper number's
-fields, and trains a couple of steps. New presets are picked up by the glob, no edit needed.
+fields, and trains a couple of steps (the default run trains one preset per algorithm and
+dataset, the slow tier the rest). New presets are picked up by the glob, no edit needed.
 
 Runs in-process (Hydra compose + train()) with shrunken models and budgets, so each preset
 costs about a compile, not a training run.
@@ -18,7 +19,28 @@ from metalearn.cli import config_dir
 from metalearn.config import register_configs, validate
 from metalearn.train import train
 
+# Preset names spell datasets without underscores: <algo>_<dataset>_<setting>.
+DATASET_NAMES = {"miniimagenet": "mini_imagenet"}
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def _pair(name: str) -> tuple[str, str]:
+    """(algorithm, dataset) of a preset named <algo>_<dataset>_<setting>."""
+    algo, dataset = name.split("_")[:2]
+    return algo, DATASET_NAMES.get(dataset, dataset)
+
+
+def _training_params() -> list:
+    """Every preset trains; the default run trains the first preset of each (algorithm,
+    dataset) pair and leaves the other settings of the same pair (ways, shots, k) to the
+    slow tier (`pytest -m slow`, run in CI), where they differ only in shapes."""
+    seen: set[tuple[str, str]] = set()
+    params = []
+    for name in PRESETS:
+        first = _pair(name) not in seen
+        seen.add(_pair(name))
+        params.append(pytest.param(name, marks=() if first else pytest.mark.slow))
+    return params
 
 # Shrink everything that costs time but keep each preset's algorithm, inner loop and task
 # shape (n_way, k_shot, inner steps), which is what a broken preset would get wrong.
@@ -61,21 +83,21 @@ def test_presets_exist():
     assert required <= set(PRESETS)
 
 
-# Preset names spell datasets without underscores: <algo>_<dataset>_<setting>.
-DATASET_NAMES = {"miniimagenet": "mini_imagenet"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_trains(name, tmp_path, omniglot_cache, request):
+def test_preset_composes_and_validates(name):
     cfg = _compose([f"experiment={name}"])
     validate(cfg)
     assert cfg.paper.source, f"{name}: paper.source is empty"
     assert cfg.paper.metric in ("accuracy", "mse")
     # The preset's own algorithm and dataset are selected (names are <algo>_<dataset>_...).
-    algo, dataset = name.split("_")[:2]
-    dataset = DATASET_NAMES.get(dataset, dataset)
-    assert (cfg.algo.name, cfg.dataset.name) == (algo, dataset)
+    assert (cfg.algo.name, cfg.dataset.name) == _pair(name)
 
+
+@pytest.mark.parametrize("name", _training_params())
+def test_preset_trains(name, tmp_path, omniglot_cache, request):
+    dataset = _pair(name)[1]
     overrides = [f"experiment={name}", *TINY]
     if dataset == "omniglot":
         if not SHARED_OMNIGLOT.is_dir():

@@ -51,7 +51,10 @@ def _ragged_arrays(seed=0, size=6):
     return out
 
 
-@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
+# Ragged classes in the slow tier: the default run checks ragged sampling directly below.
+@pytest.mark.parametrize(
+    "ragged", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["uniform", "ragged"]
+)
 def test_host_placement_gives_the_same_training_and_evaluation(ragged):
     cfg = _cfg()
     arrays = _ragged_arrays() if ragged else synthetic_image_arrays(n_classes=6, per_class=5, size=6)
