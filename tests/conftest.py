@@ -70,17 +70,22 @@ def float64():
 
 
 @pytest.fixture
-def no_network(monkeypatch):
+def no_network(monkeypatch) -> list:
     """Any connection attempt fails at once, so a download attempt cannot hang a test.
-    Use with ``pytestmark = pytest.mark.usefixtures("no_network")``."""
+    Use with ``pytestmark = pytest.mark.usefixtures("no_network")``; a test that takes the
+    fixture gets the list of attempted connections (to assert that a failure is not
+    retried)."""
+    attempts: list = []
 
     def refuse(*args, **kwargs):
+        attempts.append(args[-1] if args else kwargs)
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
+    return attempts
 
 
 def write_mini_imagenet_pickles(
