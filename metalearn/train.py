@@ -534,10 +534,9 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
-    return (
-        f"{format_final(results, cfg.eval.split)} after {cfg.algo.inner_steps_test} inner step(s); "
-        f"results in {path}"
-    )
+    # Prototypical Networks classify by distances to the support prototypes: no inner loop.
+    steps = "" if cfg.algo.name == "protonet" else f" after {cfg.algo.inner_steps_test} inner step(s)"
+    return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
 
 
 def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
