@@ -193,6 +193,8 @@ def test_algo_attack_keys_are_range_checked(key, value):
 # ---- end to end through the CLI ---------------------------------------------------------
 
 
+# Slow tier (CLI train + eval); the attacked evaluator is checked in-process in test_attacks.
+@pytest.mark.slow
 def test_cli_eval_with_fgsm_reports_clean_and_robust(tmp_path):
     run = tmp_path / "run"
     train = run_cli(

@@ -173,6 +173,9 @@ def test_nan_stops_with_last_good_checkpoint_intact_and_skip_finishes(tmp_path):
     assert all(np.isfinite(a).all() for a in final_params(skip_dir))
 
 
+# Slow tier (CLI end to end, three training processes); corrupt-checkpoint handling on the
+# shared sweep is in the default run (test_bad_inputs).
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path):
     run_dir = tmp_path / "run"
     proc = run(*BASE, "trainer.steps=30", f"hydra.run.dir={run_dir}", cwd=tmp_path)

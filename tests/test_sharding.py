@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
 
 _SCRIPT = textwrap.dedent(
@@ -112,6 +113,9 @@ _SCRIPT = textwrap.dedent(
 )
 
 
+# Slow tier: a fresh interpreter with 4 CPU devices (about 25 s); the multi-process checks
+# of test_multihost (also slow) compare sharded training across processes.
+@pytest.mark.slow
 def test_sharded_meta_step_matches_one_device_and_splits_tasks():
     env = dict(
         os.environ,
