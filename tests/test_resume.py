@@ -136,6 +136,9 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert f"resuming {run_dir} from step {stopped_at}" in proc.stdout
 
 
+# Slow tier (two CLI training processes, run in CI); on_nan=skip inside blocks of steps is
+# also checked in-process in the default run (test_blocks).
+@pytest.mark.slow
 def test_nan_stops_with_last_good_checkpoint_intact_and_skip_finishes(tmp_path):
     run_dir = tmp_path / "run"
     proc = run(*BASE, "trainer.steps=20", f"hydra.run.dir={run_dir}", cwd=tmp_path)
