@@ -139,6 +139,24 @@ def test_preset_order_dataset_then_preset_then_command_line():
     assert (cfg.optim.name, cfg.algo.inner_optimizer, cfg.trainer.steps) == ("sgd", "adam", 100000)
 
 
+def test_presets_do_not_inherit_the_cpu_budgets_of_algo_dataset():
+    # conf/algo_dataset/<algo>_omniglot.yaml holds CPU defaults (more training ways, cosine
+    # lr, clipping, iMAML's lam 0.5) that a paper preset must not pick up silently.
+    cfg = _compose(["experiment=protomaml_omniglot_5w1s"])
+    assert (cfg.dataset.n_way_train, cfg.optim.schedule, cfg.algo.inner_lr) == (None, "constant", 0.4)
+    for name in ("imaml_omniglot_5w1s", "imaml_omniglot_20w1s"):
+        cfg = _compose([f"experiment={name}"])
+        assert (cfg.algo.lam, cfg.algo.cg_damping, cfg.optim.schedule, cfg.optim.clip_norm) == (
+            2.0,
+            0.0,
+            "constant",
+            None,
+        )
+    # while the defaults themselves apply without a preset
+    cfg = _compose(["algo=imaml", "dataset=omniglot"])
+    assert (cfg.algo.lam, cfg.optim.schedule, cfg.trainer.steps) == (0.5, "cosine", 3000)
+
+
 def test_no_preset_means_empty_paper():
     cfg = _compose([])
     assert cfg.paper.source == "" and cfg.paper.value is None
