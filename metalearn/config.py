@@ -84,6 +84,13 @@ class AlgoConfig:
     lam: float = 2.0
     cg_steps: int = 5
     cg_damping: float = 0.0
+    # Where the proximal term acts: "every_step" (the paper) or "pullback" (the authors'
+    # code: unregularised inner steps, then one step phi -= inner_lr * lam * (phi - theta)).
+    proximal: str = "every_step"
+    # Added to lam in the CG system: (... + H/(lam + cg_lam_offset)); the authors' code: 10.
+    cg_lam_offset: float = 0.0
+    # lam of the adaptation at evaluation; null: algo.lam (the authors' code tests with 0).
+    lam_test: float | None = None
 
 
 @dataclass
@@ -180,6 +187,8 @@ class OptimConfig:
     name: str = "adam"
     lr: float = 0.001
     momentum: float = 0.0
+    # Adam's epsilon (optax's default 1e-8; the iMAML authors' code uses 1e-3).
+    eps: float = 1e-8
     # Clip the meta-gradient to this global norm; null disables clipping.
     clip_norm: float | None = None
     # Clamp every meta-gradient entry to [-clip_value, clip_value] (cbfinn/maml mini-ImageNet
@@ -339,6 +348,10 @@ def validate(cfg: Any) -> None:
     need(math.isfinite(a.lam) and a.lam > 0, "algo.lam", a.lam, "> 0")
     need(a.cg_steps >= 1, "algo.cg_steps", a.cg_steps, ">= 1")
     need(math.isfinite(a.cg_damping) and a.cg_damping >= 0, "algo.cg_damping", a.cg_damping, ">= 0")
+    need(a.proximal in ("every_step", "pullback"), "algo.proximal", a.proximal, "every_step or pullback")
+    off = a.cg_lam_offset
+    need(math.isfinite(off) and off >= 0, "algo.cg_lam_offset", off, ">= 0")
+    need(a.lam_test is None or (math.isfinite(a.lam_test) and a.lam_test >= 0), "algo.lam_test", a.lam_test, ">= 0 or null")
     need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
     need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
     test_batch = a.inner_batch_size_test
@@ -550,6 +563,7 @@ def validate(cfg: Any) -> None:
 
     need(o.name in _OPTIMS, "optim.name", o.name, f"one of {list(_OPTIMS)}")
     need(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0")
+    need(math.isfinite(o.eps) and o.eps > 0, "optim.eps", o.eps, "> 0")
     need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0 or null")
     need(o.clip_value is None or o.clip_value > 0, "optim.clip_value", o.clip_value, "> 0 or null")
     need(

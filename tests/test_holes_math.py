@@ -349,3 +349,13 @@ def test_ci95_is_1_96_std_over_sqrt_n_on_known_values():
     s = summarize(np.array([0.0, 1.0] * 50), "accuracy")  # std 0.5, n 100
     assert s["ci95"] == pytest.approx(1.96 * 0.5 / 10, rel=1e-12)
     assert summarize(np.full(7, 0.3), "accuracy")["ci95"] == 0.0
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-3, 0.5])
+def test_make_optimizer_adam_epsilon_enters_the_first_update(eps):
+    # Adam's first bias-corrected update is -lr * g / (|g| + eps) (m_hat = g, v_hat = g^2).
+    lr = 0.1
+    g = jnp.asarray([2e-3, -0.4, 3.0])
+    opt = make_optimizer(_optim_cfg(name="adam", lr=lr, eps=eps), 10)
+    update, _ = opt.update(g, opt.init(jnp.zeros(3)), jnp.zeros(3))
+    np.testing.assert_allclose(update, -lr * g / (jnp.abs(g) + eps), rtol=1e-5)

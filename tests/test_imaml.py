@@ -5,6 +5,8 @@
 - For a linear model with MSE (a quadratic inner loss), the adapted parameters equal the
   closed-form proximal solution and the meta-gradient equals the derivative of the query
   loss through that closed form.
+- The authors' variant (``algo.proximal=pullback``, ``cg_lam_offset``, ``lam_test``)
+  against a hand-written Python loop and a direct solve of its linear system.
 - The compiled meta-gradient's memory does not grow with the number of inner steps, while
   MAML's does.
 """
@@ -175,6 +177,71 @@ def test_imaml_trains_on_sinusoid_from_the_cli(tmp_path):
         cwd=REPO,
     )
     assert (run / "results.json").is_file()
+
+
+def test_pullback_variant_matches_a_hand_written_loop_and_its_linear_system(float64):
+    """aravindr93/imaml_dev: k plain SGD steps, one step on (lam/2)||phi - theta||^2 alone,
+    CG on ((1 + damping) I + H/(lam + 10)) x = g; evaluation adapts with lam_test."""
+    lam, lr, steps, damping, offset = 2.0, 0.05, 4, 1.0, 10.0
+    cfg = make_cfg(
+        algo={
+            "name": "imaml", "inner_lr": lr, "inner_steps": steps, "lam": lam, "cg_steps": 60,
+            "cg_damping": damping, "proximal": "pullback", "cg_lam_offset": offset, "lam_test": 0.0,
+        },
+        model={"hidden": [5]},
+        dataset={"k_shot": 6, "k_query": 7},
+    )
+    source = sinusoid_source(cfg.dataset)
+    problem = Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
+    algo = make_algorithm(cfg.algo, problem)
+    theta = _to64(algo.init(jax.random.PRNGKey(0)))
+    tasks = _tasks(source, 2)
+    flat_theta, unravel = ravel_pytree(theta)
+
+    expected = []
+    for i in range(2):
+        task = jax.tree.map(lambda a, i=i: a[i], tasks)
+        support = lambda v, t=task: problem.loss(unravel(v), t.support_x, t.support_y)
+        query = lambda v, t=task: problem.loss(unravel(v), t.query_x, t.query_y)
+        phi = flat_theta
+        for _ in range(steps):  # unregularised steps, one Python iteration each
+            phi = phi - lr * jax.grad(support)(phi)
+        plain = phi
+        phi = phi - lr * jax.grad(lambda v: 0.5 * lam * jnp.sum((v - flat_theta) ** 2))(phi)
+        np.testing.assert_allclose(phi, flat_theta + (1 - lr * lam) * (plain - flat_theta), rtol=1e-12)
+        system = (1 + damping) * jnp.eye(phi.size) + jax.hessian(support)(phi) / (lam + offset)
+        expected.append(jnp.linalg.solve(system, jax.grad(query)(phi)))
+        if i == 0:
+            phi0, plain0, task0 = phi, plain, task
+    grads, _ = jax.jit(algo.meta_grad)(theta, tasks, jax.random.PRNGKey(5))
+    np.testing.assert_allclose(ravel_pytree(grads)[0], np.mean(expected, axis=0), rtol=1e-7, atol=1e-10)
+
+    # Evaluation adapts with lam_test = 0: the pull-back is a no-op, plain steps remain.
+    adapted = algo.adapt(theta, task0.support_x, task0.support_y, jax.random.PRNGKey(0), steps)
+    np.testing.assert_allclose(ravel_pytree(adapted)[0], plain0, rtol=1e-12)
+    assert not np.allclose(plain0, phi0, rtol=1e-6)
+    # With lam_test unset, evaluation pulls back with lam, like training.
+    cfg.algo.lam_test = None
+    same = make_algorithm(cfg.algo, problem).adapt(theta, task0.support_x, task0.support_y, None, steps)
+    np.testing.assert_allclose(ravel_pytree(same)[0], phi0, rtol=1e-12)
+    # The paper's variant (proximal term in every step) is a different phi.
+    cfg.algo.proximal = "every_step"
+    paper = make_algorithm(cfg.algo, problem).adapt(theta, task0.support_x, task0.support_y, None, steps)
+    assert not np.allclose(ravel_pytree(paper)[0], phi0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("algo.proximal", "sometimes"), ("algo.cg_lam_offset", -1.0), ("algo.lam_test", -0.5), ("optim.eps", 0.0)],
+)
+def test_imaml_variant_settings_are_checked(key, value):
+    from metalearn.config import validate
+    from metalearn.errors import ConfigError
+
+    cfg = make_cfg(algo={"name": "imaml"})
+    cfg[key.split(".")[0]][key.split(".")[1]] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
 
 
 @pytest.mark.parametrize("name", ["lam", "cg_steps", "cg_damping"])

@@ -23,10 +23,21 @@ solution phi* is kept). The outer objective's gradient is the mean of g_theta ov
 the reported loss is the mean query loss L_Q(phi*).
 
 The paper's GD variant solves the inner problem this way (its Hessian-free variant uses a
-Newton-CG inner solver with line search instead, which is not implemented here). The
-authors' released code runs its unregularised SGD steps first and then one proximal
-"pull-back" step, and solves (2 I + H / (lam + 10)) x = g; here the proximal term is in
-every step and the system is the paper's, with optional damping.
+Newton-CG inner solver with line search instead, which is not implemented here).
+
+``algo.proximal`` chooses where the proximal term acts: "every_step" (the paper's
+objective, above) or "pullback", the authors' released code (aravindr93/imaml_dev,
+examples/omniglot_implicit_maml.py): k unregularised gradient steps on L_S, then one
+gradient step on the proximal term alone,
+
+    phi <- phi - alpha * lam * (phi - theta),
+
+i.e. phi = theta + (1 - alpha lam)(phi_k - theta). That phi is not the regularised
+problem's stationary point; the code uses the implicit meta-gradient there all the same.
+The authors' CG system is ((1 + cg_damping) I + H / (lam + lam_damping)) x = g with
+lam_damping = 10 (learner_model.py, ``matrix_evaluator``): ``algo.cg_lam_offset`` is
+that 10 (0: the paper's H / lam). Adaptation at evaluation uses ``algo.lam_test`` when set
+(the authors' measure_accuracy.py passes lam 0: plain gradient steps), else ``algo.lam``.
 
 State: meta_params = the model's parameter pytree; adapted = phi (a pytree of the same
 shape), used by evaluation (adaptation at test time solves the same regularised problem
@@ -44,6 +55,8 @@ from jax.flatten_util import ravel_pytree
 
 from metalearn.algos.base import MetaLearner, Problem
 from metalearn.tasks import Task
+
+PROXIMAL = ("every_step", "pullback")
 
 
 def conjugate_gradient(matvec: Any, b: jax.Array, steps: int) -> jax.Array:
@@ -72,26 +85,41 @@ def conjugate_gradient(matvec: Any, b: jax.Array, steps: int) -> jax.Array:
 
 
 def make_imaml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, lam, cg_steps, cg_damping)."""
+    """cfg: AlgoConfig (inner_lr, inner_steps, inner_steps_test, lam, lam_test, proximal,
+    cg_steps, cg_damping, cg_lam_offset)."""
     model, source = problem.model, problem.source
     lam, damping = float(cfg.lam), float(cfg.cg_damping)
+    lam_test = lam if getattr(cfg, "lam_test", None) is None else float(cfg.lam_test)
+    proximal = getattr(cfg, "proximal", "every_step")
+    cg_scale = lam + float(getattr(cfg, "cg_lam_offset", 0.0))
+    if proximal not in PROXIMAL:
+        raise ValueError(f"unknown algo.proximal {proximal!r}; expected one of {PROXIMAL}")
 
-    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
-        """phi after ``steps`` gradient steps on L_S + (lam/2)||phi - theta||^2 from theta."""
-        del key
+    def solve_inner(params: Any, support_x: jax.Array, support_y: jax.Array, steps: int, lam: float) -> Any:
+        """phi after ``steps`` inner steps from theta = params (``algo.proximal`` decides
+        whether the term lam (phi - theta) is in every step or one pull-back step)."""
         theta = lax.stop_gradient(params)
         grad_support = jax.grad(lambda p: problem.loss(p, support_x, support_y))
+        in_step = lam if proximal == "every_step" else 0.0
 
         def step(phi: Any, _: None) -> tuple[Any, None]:
             g = grad_support(phi)
-            phi = jax.tree.map(lambda w, gw, t: w - cfg.inner_lr * (gw + lam * (w - t)), phi, g, theta)
+            phi = jax.tree.map(lambda w, gw, t: w - cfg.inner_lr * (gw + in_step * (w - t)), phi, g, theta)
             return phi, None
 
         phi, _ = lax.scan(step, theta, None, length=steps) if steps else (theta, None)
+        if proximal == "pullback" and steps:
+            phi = jax.tree.map(lambda w, t: w - cfg.inner_lr * lam * (w - t), phi, theta)
         return phi
 
+    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
+        """Adaptation at evaluation: ``steps`` inner steps with lam_test."""
+        del key
+        return solve_inner(params, support_x, support_y, steps, lam_test)
+
     def task_grad(params: Any, task: Task, key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
-        phi = lax.stop_gradient(adapt(params, task.support_x, task.support_y, key, cfg.inner_steps))
+        del key
+        phi = lax.stop_gradient(solve_inner(params, task.support_x, task.support_y, cfg.inner_steps, lam))
 
         def query_loss(p: Any) -> tuple[jax.Array, jax.Array]:
             pred = model.apply(p, task.query_x)
@@ -108,7 +136,7 @@ def make_imaml(cfg: Any, problem: Problem) -> MetaLearner:
 
         def matvec(v: jax.Array) -> jax.Array:
             hvp = jax.jvp(grad_flat, (flat_phi,), (v,))[1]
-            return (1.0 + damping) * v + hvp / lam
+            return (1.0 + damping) * v + hvp / cg_scale
 
         return unravel(conjugate_gradient(matvec, flat_g, cfg.cg_steps)), loss, metric
 
