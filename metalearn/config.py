@@ -351,7 +351,12 @@ def validate(cfg: Any) -> None:
     need(a.proximal in ("every_step", "pullback"), "algo.proximal", a.proximal, "every_step or pullback")
     off = a.cg_lam_offset
     need(math.isfinite(off) and off >= 0, "algo.cg_lam_offset", off, ">= 0")
-    need(a.lam_test is None or (math.isfinite(a.lam_test) and a.lam_test >= 0), "algo.lam_test", a.lam_test, ">= 0 or null")
+    need(
+        a.lam_test is None or (math.isfinite(a.lam_test) and a.lam_test >= 0),
+        "algo.lam_test",
+        a.lam_test,
+        ">= 0 or null",
+    )
     need(a.inner_optimizer in ("sgd", "adam"), "algo.inner_optimizer", a.inner_optimizer, "sgd or adam")
     need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
     test_batch = a.inner_batch_size_test

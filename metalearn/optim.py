@@ -58,7 +58,11 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     that global norm. Either null: off.
     """
     lr = make_schedule(cfg, total_steps)
-    opt = optax.adam(lr, eps=getattr(cfg, "eps", 1e-8)) if cfg.name == "adam" else optax.sgd(lr, momentum=cfg.momentum or None)
+    opt = (
+        optax.adam(lr, eps=getattr(cfg, "eps", 1e-8))
+        if cfg.name == "adam"
+        else optax.sgd(lr, momentum=cfg.momentum or None)
+    )
     clips = []
     if getattr(cfg, "clip_value", None) is not None:
         clips.append(optax.clip(cfg.clip_value))

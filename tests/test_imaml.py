@@ -185,8 +185,15 @@ def test_pullback_variant_matches_a_hand_written_loop_and_its_linear_system(floa
     lam, lr, steps, damping, offset = 2.0, 0.05, 4, 1.0, 10.0
     cfg = make_cfg(
         algo={
-            "name": "imaml", "inner_lr": lr, "inner_steps": steps, "lam": lam, "cg_steps": 60,
-            "cg_damping": damping, "proximal": "pullback", "cg_lam_offset": offset, "lam_test": 0.0,
+            "name": "imaml",
+            "inner_lr": lr,
+            "inner_steps": steps,
+            "lam": lam,
+            "cg_steps": 60,
+            "cg_damping": damping,
+            "proximal": "pullback",
+            "cg_lam_offset": offset,
+            "lam_test": 0.0,
         },
         model={"hidden": [5]},
         dataset={"k_shot": 6, "k_query": 7},
@@ -232,7 +239,12 @@ def test_pullback_variant_matches_a_hand_written_loop_and_its_linear_system(floa
 
 @pytest.mark.parametrize(
     "key, value",
-    [("algo.proximal", "sometimes"), ("algo.cg_lam_offset", -1.0), ("algo.lam_test", -0.5), ("optim.eps", 0.0)],
+    [
+        ("algo.proximal", "sometimes"),
+        ("algo.cg_lam_offset", -1.0),
+        ("algo.lam_test", -0.5),
+        ("optim.eps", 0.0),
+    ],
 )
 def test_imaml_variant_settings_are_checked(key, value):
     from metalearn.config import validate
