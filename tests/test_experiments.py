@@ -43,6 +43,7 @@ def _training_params() -> list:
         params.append(pytest.param(name, marks=() if first else pytest.mark.slow))
     return params
 
+
 # Shrink everything that costs time but keep each preset's algorithm, inner loop and task
 # shape (n_way, k_shot, inner steps), which is what a broken preset would get wrong.
 TINY = [
@@ -82,8 +83,6 @@ def test_presets_exist():
         "caml_miniimagenet_5w1s",
     }
     assert required <= set(PRESETS)
-
-
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -141,20 +140,28 @@ def test_preset_order_dataset_then_preset_then_command_line():
 
 def test_presets_do_not_inherit_the_cpu_budgets_of_algo_dataset():
     # conf/algo_dataset/<algo>_omniglot.yaml holds CPU defaults (more training ways, cosine
-    # lr, clipping, iMAML's lam 0.5) that a paper preset must not pick up silently.
+    # lr, clipping, iMAML's 10 inner steps and 5 queries per class) that a paper preset must
+    # not pick up silently.
     cfg = _compose(["experiment=protomaml_omniglot_5w1s"])
     assert (cfg.dataset.n_way_train, cfg.optim.schedule, cfg.algo.inner_lr) == (None, "constant", 0.4)
-    for name in ("imaml_omniglot_5w1s", "imaml_omniglot_20w1s"):
+    for name, steps in (("imaml_omniglot_5w1s", 16), ("imaml_omniglot_20w1s", 25)):
         cfg = _compose([f"experiment={name}"])
-        assert (cfg.algo.lam, cfg.algo.cg_damping, cfg.optim.schedule, cfg.optim.clip_norm) == (
-            2.0,
-            0.0,
-            "constant",
-            None,
+        pinned = (
+            cfg.dataset.k_query,
+            cfg.algo.inner_steps,
+            cfg.optim.schedule,
+            cfg.optim.clip_norm,
+            cfg.trainer.steps,
         )
+        assert pinned == (1, steps, "constant", None, 20000)
     # while the defaults themselves apply without a preset
     cfg = _compose(["algo=imaml", "dataset=omniglot"])
-    assert (cfg.algo.lam, cfg.optim.schedule, cfg.trainer.steps) == (0.5, "cosine", 3000)
+    assert (cfg.dataset.k_query, cfg.algo.inner_steps, cfg.optim.schedule, cfg.trainer.steps) == (
+        5,
+        10,
+        "cosine",
+        4000,
+    )
 
 
 def test_no_preset_means_empty_paper():

@@ -158,9 +158,7 @@ def test_multi_step_loss_is_the_weighted_sum_of_per_step_query_losses(float64):
     last_only = np.eye(n_steps)[-1]
     other = (
         sum(
-            _reference_objective(
-                problem, meta, jax.tree.map(lambda a, i=i: a[i], tasks), n_steps, last_only
-            )
+            _reference_objective(problem, meta, jax.tree.map(lambda a, i=i: a[i], tasks), n_steps, last_only)
             for i in range(3)
         )
         / 3
