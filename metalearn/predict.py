@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalearn.algos import adaptation_phrase
 from metalearn.data.image_folder import IMAGE_EXTENSIONS
 from metalearn.errors import DataError
 from metalearn.metrics import write_json
@@ -248,7 +249,7 @@ def _write_summary(
     write_json(csv_path.parent / "summary.json", summary)
     query, support, score = said
     say(
-        f"predicted {query} with {cfg.algo.name} after {steps} inner step(s) on "
+        f"predicted {query} with {cfg.algo.name}{adaptation_phrase(cfg.algo.name, steps)} on "
         f"{support}: {score}; predictions in {csv_path}",
         flush=True,
     )

@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metalearn.algos import MetaLearner, Problem, make_algorithm
+from metalearn.algos import MetaLearner, Problem, adaptation_phrase, make_algorithm
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
@@ -534,8 +534,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
-    # Prototypical Networks classify by distances to the support prototypes: no inner loop.
-    steps = "" if cfg.algo.name == "protonet" else f" after {cfg.algo.inner_steps_test} inner step(s)"
+    steps = adaptation_phrase(cfg.algo.name, cfg.algo.inner_steps_test)
     return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
 
 

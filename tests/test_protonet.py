@@ -217,3 +217,15 @@ def test_reproduce_suites_skip_mini_imagenet_without_its_files(tmp_path):
     assert [e for e, _, _ in jobs] == ["imaml_miniimagenet_5w1s"] and "dataset.manual_dir=/data/mini" in jobs[
         0
     ][2]
+
+
+def test_result_lines_name_no_inner_steps_for_protonet(tmp_path):
+    from metalearn.algos import adaptation_phrase
+    from metalearn.train import final_line
+
+    results = {"test": {"metric": "accuracy", "mean": 0.9, "ci95": 0.01, "n_tasks": 10}}
+    line = final_line(results, make_cfg(algo={"name": "protonet", "inner_steps_test": 3}), tmp_path)
+    assert "inner step" not in line and "90.00%" in line
+    line = final_line(results, make_cfg(algo={"name": "protomaml", "inner_steps_test": 3}), tmp_path)
+    assert "after 3 inner step(s)" in line
+    assert adaptation_phrase("protonet", 3) == "" and "inner" in adaptation_phrase("maml", 1)

@@ -26,10 +26,28 @@ ALGORITHMS = {
     "protomaml": make_protomaml,
 }
 
+# Algorithms whose adaptation is not a loop of steps (Prototypical Networks classify by
+# distances to the support prototypes); algo.inner_steps* do not apply to them.
+WITHOUT_INNER_LOOP = frozenset({"protonet"})
+
+
+def adaptation_phrase(name: str, steps: int) -> str:
+    """How a result line names the test-time adaptation: " after N inner step(s)", or ""
+    for an algorithm without an inner loop."""
+    return "" if name in WITHOUT_INNER_LOOP else f" after {steps} inner step(s)"
+
 
 def make_algorithm(cfg, problem: Problem) -> MetaLearner:
     """The algorithm named by ``cfg.name`` (an AlgoConfig) for this model and task source."""
     return ALGORITHMS[cfg.name](cfg, problem)
 
 
-__all__ = ["ALGORITHMS", "MetaLearner", "Problem", "inner_sgd", "make_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "WITHOUT_INNER_LOOP",
+    "MetaLearner",
+    "Problem",
+    "adaptation_phrase",
+    "inner_sgd",
+    "make_algorithm",
+]
