@@ -15,6 +15,7 @@ per part and flag set (median over rounds, microseconds per step) and appends JS
 to --out.
 
     python scripts/bench_step_parts.py
+    python scripts/bench_step_parts.py --threefry unrolled
     python scripts/bench_step_parts.py --rounds 2 --xla-flags= \\
         --xla-flags=--xla_cpu_multi_thread_eigen=false --out docs/runs/cpu_step_parts.jsonl
 """
@@ -29,6 +30,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def use_unrolled_threefry() -> None:
+    """Lower jax's threefry hash on CPU as straight-line code (what jax does on GPU) instead
+    of the CPU's rolled 5-iteration loop. Same bits; private jax API, for this benchmark only."""
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32
+
+    rule = threefry2x32._threefry2x32_lowering_rule
+    mlir.register_lowering(threefry2x32.threefry2x32_p, rule, platform="cpu")
 
 
 def measure(inner: int, seconds: float) -> dict[str, float]:
@@ -104,11 +115,16 @@ def main(argv: list[str] | None = None) -> None:
         help="an XLA_FLAGS value to compare (repeat; give it with '=', e.g. --xla-flags= for none)",
     )
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per run")
+    parser.add_argument(
+        "--threefry", choices=["rolled", "unrolled"], default="rolled", help="jax's CPU PRNG lowering"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     args.xla_flags = args.xla_flags or [""]
     if args.child:
+        if args.threefry == "unrolled":
+            use_unrolled_threefry()
         print(json.dumps(measure(args.inner, args.seconds)))
         return
 
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
             parts = json.loads(out.strip().splitlines()[-1])
             runs[flags].append(parts)
-            record = {"round": r, "xla_flags": flags, "us_per_step": parts, "cpus": os.cpu_count()}
+            record = {"round": r, "xla_flags": flags, "threefry": args.threefry, "us_per_step": parts}
+            record["cpus"] = os.cpu_count()
             print(json.dumps(record), flush=True)
             if args.out is not None:
                 with args.out.open("a") as f:
