@@ -40,8 +40,8 @@ that 10 (0: the paper's H / lam). Adaptation at evaluation uses ``algo.lam_test`
 (the authors' measure_accuracy.py passes lam 0: plain gradient steps), else ``algo.lam``.
 
 State: meta_params = the model's parameter pytree; adapted = phi (a pytree of the same
-shape), used by evaluation (adaptation at test time solves the same regularised problem
-with ``algo.inner_steps_test`` steps).
+shape), used by evaluation and ``predict`` (adaptation at test time solves the same problem with
+``algo.inner_steps_test`` steps and ``algo.lam_test``).
 """
 
 from __future__ import annotations
