@@ -49,16 +49,19 @@ def test_conjugate_gradient_solves_spd_system_and_stops_safely(float64):
     assert not np.allclose(conjugate_gradient(lambda v: a @ v, b, 1), np.linalg.solve(a, b), rtol=1e-3)
 
 
-def test_meta_gradient_equals_direct_solve_with_the_full_hessian(float64):
-    lam, inner_steps = 50.0, 3
-    cfg = make_cfg(
-        algo={"name": "imaml", "inner_lr": 0.01, "inner_steps": inner_steps, "lam": lam, "cg_steps": 40},
-        model={"hidden": [5]},
-        dataset={"k_shot": 6, "k_query": 7},
-    )
+def _tiny_mlp_imaml(**algo):
+    """(cfg, problem, algorithm) for iMAML with ``algo`` settings on a 1-5-1 MLP and
+    sinusoid tasks of 6 support and 7 query points."""
+    cfg = make_cfg(algo={"name": "imaml", **algo}, model={"hidden": [5]}, dataset={"k_shot": 6, "k_query": 7})
     source = sinusoid_source(cfg.dataset)
     problem = Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
-    algo = make_algorithm(cfg.algo, problem)
+    return cfg, problem, make_algorithm(cfg.algo, problem)
+
+
+def test_meta_gradient_equals_direct_solve_with_the_full_hessian(float64):
+    lam, inner_steps = 50.0, 3
+    cfg, problem, algo = _tiny_mlp_imaml(inner_lr=0.01, inner_steps=inner_steps, lam=lam, cg_steps=40)
+    source = problem.source
     params = _to64(algo.init(jax.random.PRNGKey(0)))
     tasks = _tasks(source, 2)
     key = jax.random.PRNGKey(5)
@@ -183,24 +186,17 @@ def test_pullback_variant_matches_a_hand_written_loop_and_its_linear_system(floa
     """aravindr93/imaml_dev: k plain SGD steps, one step on (lam/2)||phi - theta||^2 alone,
     CG on ((1 + damping) I + H/(lam + 10)) x = g; evaluation adapts with lam_test."""
     lam, lr, steps, damping, offset = 2.0, 0.05, 4, 1.0, 10.0
-    cfg = make_cfg(
-        algo={
-            "name": "imaml",
-            "inner_lr": lr,
-            "inner_steps": steps,
-            "lam": lam,
-            "cg_steps": 60,
-            "cg_damping": damping,
-            "proximal": "pullback",
-            "cg_lam_offset": offset,
-            "lam_test": 0.0,
-        },
-        model={"hidden": [5]},
-        dataset={"k_shot": 6, "k_query": 7},
+    cfg, problem, algo = _tiny_mlp_imaml(
+        inner_lr=lr,
+        inner_steps=steps,
+        lam=lam,
+        cg_steps=60,
+        cg_damping=damping,
+        proximal="pullback",
+        cg_lam_offset=offset,
+        lam_test=0.0,
     )
-    source = sinusoid_source(cfg.dataset)
-    problem = Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
-    algo = make_algorithm(cfg.algo, problem)
+    source = problem.source
     theta = _to64(algo.init(jax.random.PRNGKey(0)))
     tasks = _tasks(source, 2)
     flat_theta, unravel = ravel_pytree(theta)
