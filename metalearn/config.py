@@ -334,6 +334,7 @@ def validate(cfg: Any) -> None:
 
     a, d, m, o, t, e = cfg.algo, cfg.dataset, cfg.model, cfg.optim, cfg.trainer, cfg.eval
     from metalearn.algos import ALGORITHMS  # late import: algos import this module
+    from metalearn.algos.imaml import PROXIMAL
 
     need(a.name in ALGORITHMS, "algo.name", a.name, f"one of {sorted(ALGORITHMS)}")
     need(math.isfinite(a.inner_lr) and a.inner_lr > 0, "algo.inner_lr", a.inner_lr, "> 0")
@@ -348,7 +349,7 @@ def validate(cfg: Any) -> None:
     need(math.isfinite(a.lam) and a.lam > 0, "algo.lam", a.lam, "> 0")
     need(a.cg_steps >= 1, "algo.cg_steps", a.cg_steps, ">= 1")
     need(math.isfinite(a.cg_damping) and a.cg_damping >= 0, "algo.cg_damping", a.cg_damping, ">= 0")
-    need(a.proximal in ("every_step", "pullback"), "algo.proximal", a.proximal, "every_step or pullback")
+    need(a.proximal in PROXIMAL, "algo.proximal", a.proximal, f"one of {list(PROXIMAL)}")
     off = a.cg_lam_offset
     need(math.isfinite(off) and off >= 0, "algo.cg_lam_offset", off, ">= 0")
     need(
