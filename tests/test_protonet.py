@@ -208,12 +208,13 @@ def test_regression_dataset_is_a_one_line_error(tmp_path):
 
 
 def test_reproduce_suites_skip_mini_imagenet_without_its_files(tmp_path):
-    from metalearn.reproduce import SUITES, plan
+    from metalearn.reproduce import load_suites, plan
 
-    jobs, notes = plan(SUITES["protonet"], (0,), tmp_path, "/data/omni", None, [])
+    suites = load_suites()
+    jobs, notes = plan(suites["protonet"], (0,), tmp_path, "/data/omni", None, [])
     assert [e for e, _, _ in jobs] == ["protonet_omniglot_5w1s", "protonet_omniglot_20w1s"]
     assert len(notes) == 2 and all("--mini-imagenet-dir" in n for n in notes)
-    jobs, notes = plan(SUITES["imaml"], (0,), tmp_path, None, None, [], "/data/mini")
+    jobs, notes = plan(suites["imaml"], (0,), tmp_path, None, None, [], "/data/mini")
     assert [e for e, _, _ in jobs] == ["imaml_miniimagenet_5w1s"] and "dataset.manual_dir=/data/mini" in jobs[
         0
     ][2]
