@@ -138,9 +138,10 @@ def make_meta_step(
     (The training loop runs the same step in blocks, :func:`make_meta_block`.)
 
     When the source samples on the host (``exp.source.host``), the second argument is
-    instead the step's batch of gathered episodes from :class:`HostPrefetcher` (uint8
-    (meta_batch_size, n_way, k_shot + k_query, H, W, C), sharded over ``"tasks"``); the
-    tasks, keys and so results are the same as with on-device sampling.
+    instead the step's batch of gathered episodes from
+    :class:`metalearn.prefetch.HostPrefetcher` (uint8 (meta_batch_size, n_way,
+    k_shot + k_query, H, W, C), sharded over ``"tasks"``); the tasks, keys and so results
+    are the same as with on-device sampling.
 
     Data parallel over ``mesh`` (default :func:`task_mesh`, all local devices): the tasks
     are sharded along its ``"tasks"`` axis, while ``state``, ``data`` and the outputs are

@@ -40,7 +40,7 @@ from metalearn.step import (
     task_mesh,
 )
 
-__all__ = ["Preempted", "TrainingError", "open_run", "train"]
+__all__ = ["OpenRun", "Preempted", "TrainingError", "finish_run", "open_run", "train", "train_loop"]
 
 
 class TrainingError(MetalearnError):
@@ -123,17 +123,6 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run.run_dir}"
     state, timings = train_loop(run, resume_command)
     return finish_run(run, state, timings)
-
-
-def finish_run(run: OpenRun, state: TrainState, timings: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the final ``state`` (:func:`final_results`), write results.json and print
-    the result line; returns the results."""
-    cfg = run.cfg
-    results = final_results(run.exp, state, cfg, cfg.trainer.steps, timings)
-    if run.main:  # multi-process hook
-        write_json(run.run_dir / "results.json", results)
-    run.say(final_line(results, cfg, run.run_dir / "results.json"), flush=True)
-    return results
 
 
 def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str, Any]]:
@@ -251,6 +240,17 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
         if batches is not None:
             batches.close()
     return state, {"train_time_s": train_time, "compile_time_s": compile_s}
+
+
+def finish_run(run: OpenRun, state: TrainState, timings: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the final ``state`` (:func:`final_results`), write results.json and print
+    the result line; returns the results."""
+    cfg = run.cfg
+    results = final_results(run.exp, state, cfg, cfg.trainer.steps, timings)
+    if run.main:  # multi-process hook
+        write_json(run.run_dir / "results.json", results)
+    run.say(final_line(results, cfg, run.run_dir / "results.json"), flush=True)
+    return results
 
 
 def _announce(run: OpenRun) -> None:
