@@ -32,7 +32,9 @@ def test_stateless_learner_passes_the_state_through_and_ignores_step():
     meta = learner.init(None)
     state = learner.init_state(meta)
     assert state == () and learner.init_state is no_state
-    grads, new_state, metrics = learner.meta_grad(meta, state, "tasks", "key", jnp.int32(7))
-    assert float(grads["w"]) == 6.0 and new_state is state and float(metrics["loss"]) == 1.0
-    assert float(learner.adapt(meta, state, "sx", "sy", "key", 4)) == 7.0
+    # Whatever state the caller holds comes back unchanged (a marker, since () is a singleton).
+    held = {"marker": jnp.int32(5)}
+    grads, new_state, metrics = learner.meta_grad(meta, held, "tasks", "key", jnp.int32(7))
+    assert float(grads["w"]) == 6.0 and new_state is held and float(metrics["loss"]) == 1.0
+    assert float(learner.adapt(meta, held, "sx", "sy", "key", 4)) == 7.0
     assert calls == [("meta_grad", meta, "tasks", "key"), ("adapt", meta, "sx", "sy", "key", 4)]
