@@ -23,7 +23,14 @@ from typing import Any
 
 import jax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, loss_reductions
+from metalearn.algos.base import (
+    MetaLearner,
+    Problem,
+    gradient_of_mean,
+    inner_sgd,
+    loss_reductions,
+    stateless_learner,
+)
 from metalearn.tasks import Task
 
 HEAD = "head"
@@ -64,7 +71,7 @@ def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
         loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

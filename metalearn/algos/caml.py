@@ -29,7 +29,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, loss_reductions
+from metalearn.algos.base import (
+    MetaLearner,
+    Problem,
+    gradient_of_mean,
+    inner_sgd,
+    loss_reductions,
+    stateless_learner,
+)
 from metalearn.models import with_context
 from metalearn.tasks import Task
 
@@ -62,7 +69,7 @@ def make_caml(cfg: Any, problem: Problem) -> MetaLearner:
     def predict(params: Any, context: jax.Array, x: jax.Array) -> jax.Array:
         return model.apply(params, x, context)
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

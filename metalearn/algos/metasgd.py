@@ -34,6 +34,7 @@ from metalearn.algos.base import (
     gradient_of_mean,
     inner_sgd,
     loss_reductions,
+    stateless_learner,
 )
 from metalearn.tasks import Task
 
@@ -71,7 +72,7 @@ def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
         del meta
         return model.apply(adapted, x)
 
-    return MetaLearner(
+    return stateless_learner(
         init=init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

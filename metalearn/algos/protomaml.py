@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, stateless_learner
 from metalearn.algos.protonet import MASKED_LOGIT, embed, embedding_params, prototypes
 from metalearn.tasks import Task
 
@@ -76,7 +76,7 @@ def make_protomaml(cfg: Any, problem: Problem) -> MetaLearner:
         pred = logits(adapted, task.query_x)
         return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
 
-    return MetaLearner(
+    return stateless_learner(
         init=lambda key: embedding_params(model, key),
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,
