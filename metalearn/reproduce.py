@@ -14,7 +14,6 @@ its own Hydra run dir, exactly as a user's command would.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -22,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metalearn.errors import ConfigError, OneLineArgumentParser
 from metalearn.report import write_report
+from metalearn.rundir import check_writable
 
 OMNIGLOT_ENV = "METALEARN_OMNIGLOT_DIR"
 MINI_IMAGENET_ENV = "METALEARN_MINI_IMAGENET_DIR"
@@ -176,7 +177,7 @@ def run_job(argv: list[str], log_path: Path) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="metalearn reproduce",
         description="Run a suite of experiment presets (conf/experiment/) over seeds, then write "
         "results.md, results.csv and learning curves next to the papers' numbers.",
@@ -223,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not jobs:
         print("metalearn: error: nothing to run (every preset was skipped)", file=sys.stderr)
+        return 2
+    try:
+        check_writable("--out", out)
+    except ConfigError as err:
+        print(f"metalearn: error: reproduce: {err}", file=sys.stderr)
         return 2
 
     print(f"metalearn reproduce {args.suite}: {len(jobs)} job(s); expected: {suite.expected}", flush=True)

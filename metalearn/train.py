@@ -31,6 +31,7 @@ from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
 from metalearn.preprocess import record_run
+from metalearn.rundir import commit_record
 from metalearn.tasks import TaskSource, build_task_source
 
 PyTree = Any
@@ -721,6 +722,8 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             else f"metalearn: no checkpoint in {run_dir}; starting at step 0",
             flush=True,
         )
+    if main:  # the run's .hydra/ record (metalearn.rundir, set by the CLI), now that it is checked
+        commit_record(run_dir)
     # Restored arrays follow the template's sharding; put them in place anyway, at no cost.
     state = replicate(state, mesh)
     start_step = int(state.step)
