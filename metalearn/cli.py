@@ -49,7 +49,23 @@ def config_dir() -> str:
     raise FileNotFoundError(f"metalearn config directory not found near {here}")
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open: a bar ends its line, so the error that
+    follows starts a line of its own instead of being appended to the bar."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    classes, bars = [std.tqdm], set()
+    while classes:  # tqdm keeps the live bars per class (tqdm.auto's is a subclass)
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        bars.update(cls.__dict__.get("_instances", ()))
+    for bar in bars:
+        bar.close()
+
+
 def _fail(message: str, code: int = 2) -> None:
+    _end_progress_bars()
     print(f"metalearn: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 

@@ -80,7 +80,7 @@ def _sinusoid_csvs(folder: Path) -> tuple[Path, Path]:
 
 def test_second_trainer_on_a_running_dir_is_refused_and_the_first_run_is_intact(tmp_path):
     run = tmp_path / "run"
-    first = _popen("train", *TINY, "trainer.steps=150", "seed=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    first = _popen("train", *TINY, "trainer.steps=90", "seed=1", f"hydra.run.dir={run}", cwd=tmp_path)
     try:
         # The first has the lock once it prints its start line (the lock is taken before Hydra starts).
         line = first.stdout.readline()
@@ -93,7 +93,7 @@ def test_second_trainer_on_a_running_dir_is_refused_and_the_first_run_is_intact(
     finally:
         out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
-    _assert_one_consistent_run(run, seed=1, steps=150)
+    _assert_one_consistent_run(run, seed=1, steps=90)
 
 
 def _assert_one_consistent_run(run: Path, seed: int, steps: int) -> None:
@@ -114,6 +114,7 @@ def _assert_one_consistent_run(run: Path, seed: int, steps: int) -> None:
     assert results["steps"] == steps and results["seed"] == seed
 
 
+@pytest.mark.slow
 def test_two_trainings_started_together_one_refused_other_consistent(tmp_path):
     run = tmp_path / "run"
     jobs = {
@@ -136,7 +137,7 @@ def test_two_trainings_started_together_one_refused_other_consistent(tmp_path):
     [
         ("model.hidden=[16,16]",),  # the checkpoint does not fit: found after the data is built
         ("dataset=omniglot", "dataset.manual_dir={empty}"),  # the case: another dataset
-        ("algo.inner_lr=-1",),  # a bad value: refused before Hydra starts
+        pytest.param(("algo.inner_lr=-1",), marks=pytest.mark.slow),  # refused before Hydra starts
     ],
     ids=["model", "dataset", "bad-value"],
 )
@@ -161,7 +162,7 @@ def test_record_is_written_by_rename_and_matches_hydras_layout(tiny_run):
 # 3. Output folders are unique whatever the timing.
 
 
-@pytest.mark.parametrize("command", ["eval", "predict"])
+@pytest.mark.parametrize("command", ["eval", pytest.param("predict", marks=pytest.mark.slow)])
 def test_two_evals_or_predicts_started_together_write_two_folders(tiny_run, tmp_path, command):
     run = _copy(tiny_run, tmp_path / "run")
     support, query = _sinusoid_csvs(tmp_path / "csv")
@@ -294,6 +295,18 @@ def test_sweep_refuses_a_bad_job_in_any_position_before_starting(tmp_path, value
     assert "2 of 4 sweep jobs refused" in message
     assert "[algo.inner_lr=-1,algo=maml]" in message and "[algo.inner_lr=-1,algo=fomaml]" in message
     assert not sweep.exists()
+
+
+# Smaller: the non-finite-loss error starts a line of its own, not the progress bar's.
+
+
+@pytest.mark.slow
+def test_training_error_is_not_printed_on_the_progress_bar_line(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.progress=true", "algo.inner_lr=1e30", f"hydra.run.dir={run}"]
+    proc = run_cli("train", *args, cwd=tmp_path, check=False)
+    last = proc.stderr.rstrip("\n").split("\n")[-1]
+    assert proc.returncode == 2 and last.startswith("metalearn: error: non-finite values"), proc.stderr
 
 
 # Timing: the lock is released by the kernel when its holder dies.
