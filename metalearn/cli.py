@@ -198,9 +198,9 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
 
     overrides_all = overrides
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
-    if multirun:
-        _check_sweep(config_name, overrides)
     try:
+        if multirun:
+            _check_sweep(config_name, overrides)
         single = _sweep_jobs(overrides)[0][1] if multirun else overrides
         with initialize_config_dir(config_dir=config_dir(), version_base=None):
             cfg = compose(config_name=config_name, overrides=single)
@@ -233,11 +233,9 @@ def _precheck_reader(config_name: str, overrides, overrides_all, cfg, default_di
     run_dir = Path(cfg.run_dir)
     target = _override_value(overrides_all, "hydra.run.dir")
     try:
-        if not run_dir.is_dir():
-            load_run_config(run_dir)  # the usual "not a run dir" line
+        load_run_config(run_dir)  # a run dir at all, its config readable: before the lock file
         _check_writable("hydra.run.dir", target if target is not None else str(run_dir / config_name))
         lock_run_dir(run_dir, exclusive=False, key="run_dir")
-        load_run_config(run_dir)
         if not has_checkpoint(run_dir):
             _fail(
                 f"invalid run_dir={cfg.run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR} (the run "
