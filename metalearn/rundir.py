@@ -2,10 +2,11 @@
 
 The promise (docs/reliability_guarantees.md): a run dir is never damaged by metalearn.
 
-- **Locks.** ``<run dir>/.metalearn.lock`` is taken with ``flock`` before anything is written:
-  exclusive for training and resume, shared for eval and predict. The kernel releases a flock
-  when its process dies, so a crashed or killed run never leaves a stale lock behind. A
-  refused process names the holder (from ``/proc/locks`` where the kernel offers it).
+- **Locks.** The run dir itself is locked with ``flock`` before anything is written (no lock
+  file: taking the lock writes nothing): exclusive for training and resume, shared for eval
+  and predict. The kernel releases a flock when its process dies, so a crashed or killed run
+  never leaves a stale lock behind. A refused process names the holder (from ``/proc/locks``
+  where the kernel offers it).
 - **Atomic records.** The files that describe a run (``.hydra/*.yaml``, preprocessing.json,
   results.json) are written to a temporary file in the same folder and renamed into place,
   so a reader sees the old file or the new one, never half of one.
@@ -28,7 +29,6 @@ from typing import Any
 
 from metalearn.errors import ConfigError, DataError
 
-LOCK_NAME = ".metalearn.lock"
 # What a training run leaves in its dir; any of them means the dir already holds a run.
 RUN_FILES = (
     "results.json",
@@ -46,8 +46,8 @@ _KERNEL_FS = (Path("/proc"), Path("/sys"))
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-# Open lock files of this process (flock is held as long as the file is open).
-_HELD: list[Any] = []
+# Open descriptors of the run dirs this process has locked (a flock lasts while one is open).
+_HELD: list[int] = []
 # Records to write once a command's checks have passed: run dir -> {relative path: text}.
 _PENDING_RECORDS: dict[Path, dict[str, str]] = {}
 
@@ -139,7 +139,7 @@ def run_files(run_dir: str | Path) -> list[str]:
 
 def _lock_holders(lock_path: Path) -> list[str]:
     """``"process <pid> (<command line>)"`` for each process /proc/locks names as holding a
-    flock on ``lock_path`` (empty where the kernel does not say)."""
+    flock on ``lock_path`` (a run dir; empty where the kernel does not say)."""
     try:
         inode = lock_path.stat().st_ino
         lines = Path("/proc/locks").read_text().splitlines()
@@ -172,33 +172,33 @@ def lock_run_dir(run_dir: str | Path, exclusive: bool, key: str) -> bool:
     """Take ``run_dir``'s lock for this process (exclusive: training or resume; shared: eval,
     predict); held until :func:`release_locks` or the process exits. ``run_dir`` must exist.
 
-    RunDirBusy (one line naming the holder and ``key``) if another process holds it in a
-    conflicting mode. Returns False without locking if the lock file cannot be created (a
-    read-only run dir: nothing can write into it, so there is nothing to protect).
+    The lock is a ``flock`` on the directory itself, so taking it writes nothing (a refused
+    command leaves the dir exactly as it was) and works on a read-only dir too. RunDirBusy (one
+    line naming the holder and ``key``) if another process holds it in a conflicting mode.
+    Returns False without locking where the dir cannot be opened.
     """
-    lock_path = Path(run_dir) / LOCK_NAME
     try:
-        handle = open(lock_path, "a")  # noqa: SIM115 (held open: the flock lives as long as the file)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         if exclusive:
             raise
         return False
     try:
-        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
-        holders = _lock_holders(lock_path) or ["another metalearn process"]
+        os.close(fd)
+        holders = _lock_holders(Path(run_dir)) or ["another metalearn process"]
         raise RunDirBusy(
             f"{key}={run_dir} is in use by {', '.join(holders)}: wait for it to finish or choose another dir"
         ) from None
-    _HELD.append(handle)
+    _HELD.append(fd)
     return True
 
 
 def release_locks() -> None:
     """Release every lock this process holds (the end of a command run in-process)."""
     while _HELD:
-        _HELD.pop().close()
+        os.close(_HELD.pop())
     _PENDING_RECORDS.clear()
 
 

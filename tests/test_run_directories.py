@@ -40,7 +40,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (the lock file included: it stays empty)."""
+    """sha256 of every file under ``folder``."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
@@ -82,7 +82,7 @@ def test_second_trainer_on_a_running_dir_is_refused_and_the_first_run_is_intact(
     run = tmp_path / "run"
     first = _popen("train", *TINY, "trainer.steps=90", "seed=1", f"hydra.run.dir={run}", cwd=tmp_path)
     try:
-        # The first has the lock once it prints its start line (the lock is taken before Hydra starts).
+        # The first holds the lock once it prints its start line (taken before Hydra starts).
         line = first.stdout.readline()
         while line and "run dir" not in line:
             line = first.stdout.readline()
