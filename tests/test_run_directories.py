@@ -179,6 +179,17 @@ def test_two_evals_or_predicts_started_together_write_two_folders(tiny_run, tmp_
         assert printed == sorted(str(folder / product) for folder in folders)
 
 
+@pytest.mark.slow
+def test_two_trainings_without_a_run_dir_started_together_get_two_dirs(tmp_path):
+    jobs = [_popen("train", *TINY, cwd=tmp_path) for _ in range(2)]
+    outs = [job.communicate(timeout=600) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outs
+    results = sorted(tmp_path.glob("outputs/*/*/results.json"))
+    assert len(results) == 2
+    printed = sorted(out.strip().splitlines()[-1].rsplit(" ", 1)[-1] for out, _ in outs)
+    assert printed == sorted(str(p) for p in results)
+
+
 def test_unique_dir_adds_a_suffix_on_collision(tmp_path):
     from metalearn.rundir import unique_dir
 
