@@ -132,56 +132,14 @@ def _with_stored_overrides(rest: list[str]) -> list[str]:
     return [o for o in previous if _override_key(o) not in given] + rest
 
 
-def _sweep_jobs(overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """Every job of a sweep (the basic sweeper's cartesian product of the comma lists), as
-    (label of its swept values, its overrides); one job if a swept value cannot be listed
-    (a range or interval for another sweeper: then only its first job can be checked)."""
-    import itertools
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = []
-    for override in parsed:
-        if not override.is_sweep_override():
-            choices.append([(None, override.input_line)])
-            continue
-        key = override.get_key_element()
-        try:
-            values = list(override.sweep_string_iterator())
-        except Exception:  # not a listable sweep: its first value stands for all
-            values = [next(iter(override.sweep_string_iterator()))]
-        choices.append([(f"{key}={v}", f"{key}={v}") for v in values])
-    jobs = []
-    for combination in itertools.product(*choices):
-        label = ",".join(lbl for lbl, _ in combination if lbl is not None)
-        jobs.append((label, [line for _, line in combination]))
-    return jobs
-
-
 def _check_sweep(config_name: str, overrides: list[str]) -> None:
-    """Compose and validate every job of a sweep before the first starts, whatever the
-    order of the values; exit 2 with one line listing each refused combination."""
-    from hydra import compose, initialize_config_dir
+    """Every job of a sweep validated before the first starts (metalearn.sweeps); exit 2 with
+    one line listing each refused combination."""
+    from metalearn.sweeps import refused_jobs
 
-    from metalearn.config import validate
-    from metalearn.errors import MetalearnError
-
-    jobs = _sweep_jobs(overrides)
-    refused = []
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        for label, job in jobs:
-            try:
-                cfg = compose(config_name=config_name, overrides=job)
-                validate(cfg)
-            except MetalearnError as err:
-                refused.append(f"[{label}] {err}")
-            except Exception as err:  # composition errors are multi-line
-                cause = err.__cause__ or err.__context__
-                detail = f" ({_first_line(cause)})" if cause is not None else ""
-                refused.append(f"[{label}] {_first_line(err)}{detail}")
+    refused, total = refused_jobs(config_dir(), config_name, overrides)
     if refused:
-        _fail(f"{len(refused)} of {len(jobs)} sweep jobs refused, none started: " + "; ".join(refused))
+        _fail(f"{len(refused)} of {total} sweep jobs refused, none started: " + "; ".join(refused))
 
 
 def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | None:
@@ -195,13 +153,14 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
 
     from metalearn.config import validate
     from metalearn.errors import MetalearnError
+    from metalearn.sweeps import sweep_jobs
 
     overrides_all = overrides
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
         if multirun:
             _check_sweep(config_name, overrides)
-        single = _sweep_jobs(overrides)[0][1] if multirun else overrides
+        single = sweep_jobs(overrides)[0][1] if multirun else overrides
         with initialize_config_dir(config_dir=config_dir(), version_base=None):
             cfg = compose(config_name=config_name, overrides=single)
             default_dir = compose(config_name=config_name, overrides=single, return_hydra_config=True)
