@@ -226,7 +226,7 @@ def _precheck_output(overrides: list[str], cfg, multirun: bool, default_dir: str
     if not given:  # the config's default, made unique: same-second runs get two dirs
         target = str(unique_dir(default_dir))
     run_dir = Path(target)
-    _STATE["fresh_run_dir"] = not run_dir.exists() or not any(run_dir.iterdir())
+    _STATE["fresh_run_dir"] = not given or not run_dir.exists()  # removed again if its job fails
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_dir(run_dir, exclusive=True, key=key)
