@@ -222,6 +222,10 @@ def _precheck_output(overrides: list[str], cfg, multirun: bool, default_dir: str
     _check_writable(key, target if target is not None else "outputs")
     if multirun:
         return None
+    from metalearn.distributed import secondary_process
+
+    if secondary_process(str(cfg.trainer.distributed)):
+        return None  # process 0 of a multi-process job alone checks, locks and writes the run dir
     given = target is not None
     if not given:  # the config's default, made unique: same-second runs get two dirs
         target = str(unique_dir(default_dir))

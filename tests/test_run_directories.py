@@ -348,3 +348,15 @@ def test_lock_of_a_killed_trainer_is_released(tmp_path):
     deadline = time.time() + 10
     assert lock_run_dir(run, True, "hydra.run.dir") and time.time() < deadline
     release_locks()
+
+
+def test_only_process_zero_of_a_multi_process_job_takes_the_run_dir():
+    """Every process of a multi-process job runs `metalearn train` on the same dir: process 0
+    checks and locks it, the others must not be refused by its lock."""
+    from metalearn.distributed import secondary_process
+
+    job = {"JAX_COORDINATOR_ADDRESS": "host:1234", "JAX_NUM_PROCESSES": "2"}
+    assert secondary_process("auto", {**job, "JAX_PROCESS_ID": "1"})
+    assert not secondary_process("auto", {**job, "JAX_PROCESS_ID": "0"})
+    assert not secondary_process("auto", {}) and not secondary_process("off", {**job, "JAX_PROCESS_ID": "1"})
+    assert secondary_process("on", {"OMPI_COMM_WORLD_RANK": "3"})
