@@ -158,7 +158,7 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
     overrides_all = overrides
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
-        if multirun:
+        if multirun and config_name == "config":  # eval/predict sweeps: judged by their first job
             _check_sweep(config_name, overrides)
         single = sweep_jobs(overrides)[0][1] if multirun else overrides
         with initialize_config_dir(config_dir=config_dir(), version_base=None):
@@ -171,7 +171,7 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
         _fail(f"{_first_line(err)}{detail}")
         return None
     if config_name in ("eval", "predict"):
-        return _precheck_reader(config_name, overrides, overrides_all, cfg, default_dir)
+        return _precheck_reader(config_name, single, overrides_all, cfg, default_dir, multirun)
     try:
         validate(cfg)
     except MetalearnError as err:
@@ -179,7 +179,9 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
     return _precheck_output(overrides_all, cfg, multirun, default_dir)
 
 
-def _precheck_reader(config_name: str, overrides, overrides_all, cfg, default_dir: str) -> str:
+def _precheck_reader(
+    config_name: str, overrides, overrides_all, cfg, default_dir: str, multirun: bool
+) -> str | None:
     """eval/predict: the run dir is shared-locked and its files checked; the output folder
     (``<run_dir>/<command>/<time>``, suffixed if taken) is created last, when all has passed."""
     from metalearn.checkpoint import CHECKPOINT_DIR, has_checkpoint
@@ -205,7 +207,9 @@ def _precheck_reader(config_name: str, overrides, overrides_all, cfg, default_di
         resolve(cfg.run_dir, overrides, cfg, config_name)
     except MetalearnError as err:
         _fail(str(err))
-    return None if target is not None else str(unique_dir(default_dir))
+    if target is not None or multirun:  # a sweep's job dirs are Hydra's (hydra.sweep.dir)
+        return None
+    return str(unique_dir(default_dir))
 
 
 def _precheck_output(overrides: list[str], cfg, multirun: bool, default_dir: str) -> str | None:
