@@ -49,7 +49,23 @@ def config_dir() -> str:
     raise FileNotFoundError(f"metalearn config directory not found near {here}")
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open: a bar ends its line, so the error that
+    follows starts a line of its own instead of being appended to the bar."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    classes, bars = [std.tqdm], set()
+    while classes:  # tqdm keeps the live bars per class (tqdm.auto's is a subclass)
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        bars.update(cls.__dict__.get("_instances", ()))
+    for bar in bars:
+        bar.close()
+
+
 def _fail(message: str, code: int = 2) -> None:
+    _end_progress_bars()
     print(f"metalearn: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -76,14 +92,23 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 
 def _check_writable(key: str, target: str) -> None:
     """Exit 2 unless ``target`` (a dir to be created) can be created or written to."""
-    path = Path(target).expanduser().absolute()
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        _fail(f"invalid {key}={target}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        _fail(f"invalid {key}={target}: {existing} is not writable")
+    from metalearn.errors import MetalearnError
+    from metalearn.rundir import check_writable
+
+    try:
+        check_writable(key, target)
+    except MetalearnError as err:
+        _fail(str(err))
+
+
+def _path_override(key: str, path: str) -> str:
+    """``key=path`` for Hydra's override parser, quoted where the path has characters its
+    grammar reads as syntax (spaces, commas, brackets, quotes)."""
+    import re
+
+    if re.fullmatch(r"[\w./:@+~-]+", path):
+        return f"{key}={path}"
+    return f"{key}='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _with_stored_overrides(rest: list[str]) -> list[str]:
@@ -107,77 +132,123 @@ def _with_stored_overrides(rest: list[str]) -> list[str]:
     return [o for o in previous if _override_key(o) not in given] + rest
 
 
-def _single_run_overrides(overrides: list[str]) -> list[str]:
-    """For a sweep, the overrides of its first job (each swept key at its first value)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def _check_sweep(config_name: str, overrides: list[str]) -> None:
+    """Every job of a sweep validated before the first starts (metalearn.sweeps); exit 2 with
+    one line listing each refused combination."""
+    from metalearn.sweeps import refused_jobs
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    single = []
-    for override in parsed:
-        if override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()))
-            single.append(f"{override.get_key_element()}={first}")
-        else:
-            single.append(override.input_line)
-    return single
+    refused, total = refused_jobs(config_dir(), config_name, overrides)
+    if refused:
+        _fail(f"{len(refused)} of {total} sweep jobs refused, none started: " + "; ".join(refused))
 
 
-def precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
-    """Compose the config as Hydra will and validate it; exit 2 with one line on error."""
+def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | None:
+    """Compose the config as Hydra will and validate it; exit 2 with one line on error.
+
+    Then take the run dir (metalearn.rundir): checked, created if new, and locked, all before
+    Hydra writes anything. Returns the run dir Hydra must use (a folder made unique here when
+    the config's default would be used), or None to leave Hydra's setting alone (sweeps).
+    """
     from hydra import compose, initialize_config_dir
 
     from metalearn.config import validate
     from metalearn.errors import MetalearnError
+    from metalearn.sweeps import sweep_jobs
 
     overrides_all = overrides
     overrides = [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     try:
-        single = _single_run_overrides(overrides) if multirun else overrides
+        if multirun and config_name == "config":  # eval/predict sweeps: judged by their first job
+            _check_sweep(config_name, overrides)
+        single = sweep_jobs(overrides)[0][1] if multirun else overrides
         with initialize_config_dir(config_dir=config_dir(), version_base=None):
             cfg = compose(config_name=config_name, overrides=single)
+            default_dir = compose(config_name=config_name, overrides=single, return_hydra_config=True)
+            default_dir = str(default_dir.hydra.run.dir)
     except Exception as err:  # Hydra/OmegaConf composition errors are multi-line
         cause = err.__cause__ or err.__context__
         detail = f" ({_first_line(cause)})" if cause is not None else ""
         _fail(f"{_first_line(err)}{detail}")
-        return
+        return None
     if config_name in ("eval", "predict"):
-        from metalearn.run_config import check_predict_paths, resolve
-
-        if cfg.run_dir is None:
-            _fail(f"run_dir is required: metalearn {config_name} run_dir=<a metalearn train run dir>")
-        run_config = Path(cfg.run_dir) / ".hydra" / "config.yaml"
-        if not run_config.is_file():
-            _fail(f"invalid run_dir={cfg.run_dir!r}: no {run_config} (not a `metalearn train` run dir)")
-        try:
-            if config_name == "predict":
-                check_predict_paths(cfg)
-            resolve(cfg.run_dir, overrides, cfg, config_name)
-        except MetalearnError as err:
-            _fail(str(err))
-        return
+        return _precheck_reader(config_name, single, overrides_all, cfg, default_dir, multirun)
     try:
         validate(cfg)
     except MetalearnError as err:
         _fail(str(err))
-    _precheck_output(overrides_all, cfg, multirun)
+    return _precheck_output(overrides_all, cfg, multirun, default_dir)
 
 
-def _precheck_output(overrides: list[str], cfg, multirun: bool) -> None:
-    """The run (or sweep) dir must be creatable; an existing run's checkpoints are only
-    reused with trainer.resume=true (never overwritten by a fresh run)."""
-    from metalearn.checkpoint import has_checkpoint
+def _precheck_reader(
+    config_name: str, overrides, overrides_all, cfg, default_dir: str, multirun: bool
+) -> str | None:
+    """eval/predict: the run dir is shared-locked and its files checked; the output folder
+    (``<run_dir>/<command>/<time>``, suffixed if taken) is created last, when all has passed."""
+    from metalearn.checkpoint import CHECKPOINT_DIR, has_checkpoint
+    from metalearn.errors import MetalearnError
+    from metalearn.run_config import check_predict_paths, resolve
+    from metalearn.rundir import load_run_config, lock_run_dir, unique_dir
+
+    if cfg.run_dir is None or not str(cfg.run_dir).strip():
+        _fail(f"run_dir is required: metalearn {config_name} run_dir=<a metalearn train run dir>")
+    run_dir = Path(cfg.run_dir)
+    target = _override_value(overrides_all, "hydra.run.dir")
+    try:
+        load_run_config(run_dir)  # a run dir at all, its config readable: before the lock file
+        _check_writable("hydra.run.dir", target if target is not None else str(run_dir / config_name))
+        lock_run_dir(run_dir, exclusive=False, key="run_dir")
+        if not has_checkpoint(run_dir):
+            _fail(
+                f"invalid run_dir={cfg.run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR} (the run "
+                "has not saved one yet, or it was removed): resume or repeat its training first"
+            )
+        if config_name == "predict":
+            check_predict_paths(cfg)
+        resolve(cfg.run_dir, overrides, cfg, config_name)
+    except MetalearnError as err:
+        _fail(str(err))
+    if target is not None or multirun:  # a sweep's job dirs are Hydra's (hydra.sweep.dir)
+        return None
+    return str(unique_dir(default_dir))
+
+
+def _precheck_output(overrides: list[str], cfg, multirun: bool, default_dir: str) -> str | None:
+    """The run (or sweep) dir must be creatable. A single run's dir is then created if new
+    and locked (exclusive), and refused if it holds an earlier run's files and trainer.resume
+    is not set: a fresh run never overwrites another."""
+    from metalearn.errors import MetalearnError
+    from metalearn.rundir import lock_run_dir, run_files, unique_dir
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     target = _override_value(overrides, key)
+    if target is not None and not target.strip().strip("'\""):
+        _fail(f"invalid {key}='': empty (give a folder, or leave it out for a new one under outputs/)")
     _check_writable(key, target if target is not None else "outputs")
-    if multirun or target is None:
-        return
-    _STATE["fresh_run_dir"] = not Path(target).exists()
-    if not cfg.trainer.resume and has_checkpoint(target):
+    if multirun:
+        return None
+    from metalearn.distributed import secondary_process
+
+    if secondary_process(str(cfg.trainer.distributed)):
+        return None  # process 0 of a multi-process job alone checks, locks and writes the run dir
+    given = target is not None
+    if not given:  # the config's default, made unique: same-second runs get two dirs
+        target = str(unique_dir(default_dir))
+    run_dir = Path(target)
+    _STATE["fresh_run_dir"] = not given or not run_dir.exists()  # removed again if its job fails
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir, exclusive=True, key=key)
+    except MetalearnError as err:
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"invalid {key}={target}: cannot create or lock it ({err.strerror})")
+    found = run_files(run_dir)
+    if not cfg.trainer.resume and found:
         _fail(
-            f"hydra.run.dir={target} already holds checkpoints: add trainer.resume=true to continue "
-            "that run, or choose another dir"
+            f"{key}={target} already holds a run ({', '.join(found)}): add trainer.resume=true to "
+            "continue it, or choose another dir"
         )
+    return None if given else target
 
 
 def _remove_failed_output(out: Path, command) -> None:
@@ -270,10 +341,38 @@ def _train_command(cfg) -> float:
     from metalearn.train import train
 
     hc = HydraConfig.get()
+    if hc.output_subdir is None and hc.mode.name != "MULTIRUN":
+        _defer_hydra_record(cfg, hc.runtime.output_dir)
     kept = [o for o in hc.overrides.task if _override_key(o) != "trainer.resume"]
     resume = [*kept, "trainer.resume=true", f"hydra.run.dir={hc.runtime.output_dir}"]
     results = train(cfg, hc.runtime.output_dir, "metalearn train " + shlex.join(resume))
     return float(results["test"]["mean"])
+
+
+def _defer_hydra_record(cfg, run_dir: str) -> None:
+    """The .hydra/ files Hydra would have written at job start (main() turned that off),
+    handed to metalearn.rundir to be written atomically once train() has checked the run."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from metalearn.rundir import defer_record
+
+    hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+    with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):  # as if Hydra had written it
+        hydra_cfg.hydra.output_subdir = ".hydra"
+        hydra_cfg.hydra.overrides.hydra = [
+            o for o in hydra_cfg.hydra.overrides.hydra if _override_key(o) != "hydra.output_subdir"
+        ]
+    defer_record(
+        run_dir,
+        {
+            ".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+            ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task),
+        },
+    )
 
 
 def _eval_command(cfg) -> None:
@@ -339,6 +438,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    from metalearn.rundir import release_locks
+
+    try:
+        _main(argv)
+    finally:  # a command run in-process (tests) must not keep its run dir locked
+        release_locks()
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -360,7 +468,15 @@ def main(argv: list[str] | None = None) -> None:
         rest = _with_stored_overrides(rest)
     if not flags & _HYDRA_INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})
-        precheck(config_name, [a for a in rest if not a.startswith("-")], multirun)
+        run_dir = precheck(config_name, [a for a in rest if not a.startswith("-")], multirun)
+        if run_dir is not None:
+            rest = [a for a in rest if _override_key(a) != "hydra.run.dir"] + [
+                _path_override("hydra.run.dir", run_dir)
+            ]
+        if command == "train" and not multirun:
+            # The run's record is written by _train_command once its checks have passed,
+            # not by Hydra at job start (a refused resume must leave it as it was).
+            rest = [*rest, "hydra.output_subdir=null"]
     sys.argv = [f"metalearn {command}", *rest]
     _hydra_entry(config_name, fn)()
     failed = _STATE["failed_jobs"]

@@ -127,6 +127,26 @@ def detect(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     return None
 
 
+def secondary_process(mode: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process will be one other than 0 of a multi-process job, as ``mode``
+    (``trainer.distributed``) and the environment say, before JAX starts: process 0 alone
+    checks, locks and writes the run dir (metalearn.rundir). Pure, like :func:`detect`."""
+    env = os.environ if env is None else env
+    if mode == "off":
+        return False
+    try:
+        job = detect(env)
+    except ConfigError:
+        return False  # reported by training itself
+    if job is not None and "process_id" in job:
+        return int(job["process_id"]) != 0
+    if job is None and mode == "auto":
+        return False
+    # jax's own cluster detection: the launcher's rank variable.
+    ranks = ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    return any(env.get(name, "0").strip() not in ("", "0") for name in ranks)
+
+
 def describe() -> str:
     """One line: "single process" or "process i of n, coordinator host:port, k local / m
     global devices". Initializes the backend."""

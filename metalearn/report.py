@@ -27,7 +27,6 @@ configuration and listed; a configuration without any finished run is marked ``f
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import json
@@ -38,6 +37,9 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from metalearn.errors import ConfigError, OneLineArgumentParser
+from metalearn.rundir import check_writable
 
 # Override keys that do not define an experiment: where data lives, console output, and
 # Hydra's own settings. ``seed`` is what is aggregated over.
@@ -375,7 +377,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="metalearn report",
         description="Aggregate the runs under DIR (a sweep dir or any dir of run dirs) into "
         "results.md, results.csv and learning-curve PNGs; one row per configuration, "
@@ -392,11 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
-        parser.error(f"not a directory: {args.dir}")
+        print(f"metalearn: error: report: no such directory: {args.dir}", file=sys.stderr)
+        return 2
     if not find_runs(args.dir):  # checked first, so nothing is written for a wrong folder
         print(f"metalearn: error: no run dirs (.hydra/config.yaml) under {args.dir}", file=sys.stderr)
         return 2
     out = args.out or args.dir / "report"
+    try:
+        check_writable("--out", out)
+    except ConfigError as err:
+        print(f"metalearn: error: report: {err}", file=sys.stderr)
+        return 2
     write_report(args.dir, out, args.sort)
     print((out / "results.md").read_text())
     print(f"report written to {out}")

@@ -18,7 +18,6 @@ its own Hydra run dir, exactly as a user's command would.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -30,7 +29,9 @@ from typing import Any
 import yaml
 
 from metalearn.cli import config_dir
+from metalearn.errors import ConfigError, OneLineArgumentParser
 from metalearn.report import write_report
+from metalearn.rundir import check_writable
 
 OMNIGLOT_ENV = "METALEARN_OMNIGLOT_DIR"
 MINI_IMAGENET_ENV = "METALEARN_MINI_IMAGENET_DIR"
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, yaml.YAMLError, SuiteError) as err:
         print(f"metalearn: error: suite config: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="metalearn reproduce",
         description="Run a suite of experiment presets (conf/experiment/) over seeds, then write "
         "results.md, results.csv and learning curves next to the papers' numbers.",
@@ -229,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not jobs:
         print("metalearn: error: nothing to run (every preset was skipped)", file=sys.stderr)
+        return 2
+    try:
+        check_writable("--out", out)
+    except ConfigError as err:
+        print(f"metalearn: error: reproduce: {err}", file=sys.stderr)
         return 2
 
     print(f"metalearn reproduce {args.suite}: {len(jobs)} job(s); expected: {suite.expected}", flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, DataError
 
 # Groups whose choice is the trained run's and cannot change afterwards.
 _FIXED_GROUPS = ("algo", "model", "optim", "experiment", "algo_dataset")
@@ -33,11 +33,17 @@ def _load_stored(run_dir: Path) -> Any:
     from omegaconf import OmegaConf
 
     from metalearn.config import Config
+    from metalearn.rundir import load_run_config
 
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"invalid run_dir={str(run_dir)!r}: no {path} (not a `metalearn train` run dir)")
-    stored = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    loaded = load_run_config(run_dir)
+    try:
+        stored = OmegaConf.merge(OmegaConf.structured(Config), loaded)
+    except Exception as err:  # OmegaConf validation errors are multi-line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"{run_dir / '.hydra' / 'config.yaml'} does not fit metalearn's config ({first}): restore it "
+            "from a copy of the run, or train again"
+        ) from None
     OmegaConf.set_struct(stored, True)
     return stored
 

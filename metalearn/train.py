@@ -29,6 +29,7 @@ from metalearn.loop_control import BlockLengths, Preempted, StopSignals, any_pro
 from metalearn.metrics import JsonlLogger, format_summary, write_json
 from metalearn.prefetch import HostPrefetcher
 from metalearn.preprocess import record_run
+from metalearn.rundir import commit_record
 from metalearn.step import (
     Experiment,
     TrainState,
@@ -107,6 +108,8 @@ def open_run(cfg: Any, run_dir: str | Path) -> OpenRun:
             else f"metalearn: no checkpoint in {run_dir}; starting at step 0",
             flush=True,
         )
+    if main:  # the run's .hydra/ record (metalearn.rundir, set by the CLI), now that it is checked
+        commit_record(run_dir)
     # Restored arrays follow the template's sharding; put them in place anyway, at no cost.
     return run._replace(state=replicate(state, mesh))
 

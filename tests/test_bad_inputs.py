@@ -179,12 +179,17 @@ def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_swee
 
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
-    """The first job passes precheck; the second fails its own validation inside the job."""
-    sweep = tmp_path / "sweep"
+    """Both jobs pass precheck (every job's values are checked before the first starts, see
+    test_run_directories); the second fails inside its job (no Omniglot archives)."""
+    sweep, empty = tmp_path / "sweep", tmp_path / "no_archives"
+    empty.mkdir()
     proc = run_cli(
         "train",
         "-m",
-        "algo.inner_lr=0.01,-1",
+        "dataset=sinusoid,omniglot",
+        "dataset.variant=small",
+        "dataset.download=false",
+        f"dataset.manual_dir={empty}",
         *TINY,
         "trainer.steps=5",
         f"hydra.sweep.dir={sweep}",
@@ -197,7 +202,7 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     assert len(jobs) == 2
     ok, bad = jobs
     assert json.loads((ok / "results.json").read_text())["steps"] == 5
-    assert "algo.inner_lr" in (bad / "error.txt").read_text()
+    assert "images_background_small" in (bad / "error.txt").read_text()
     assert not (bad / "results.json").exists()
 
 
