@@ -26,6 +26,10 @@ ALGORITHMS = {
     "protomaml": make_protomaml,
 }
 
+# Algorithms that classify by distances to class prototypes: no regression, any number of
+# ways (their training episodes may have more ways than the test's: dataset.n_way_train).
+METRIC_ALGOS = ("protonet", "protomaml")
+
 # Algorithms whose adaptation is not a loop of steps (Prototypical Networks classify by
 # distances to the support prototypes); algo.inner_steps* do not apply to them.
 WITHOUT_INNER_LOOP = frozenset({"protonet"})
@@ -38,12 +42,14 @@ def adaptation_phrase(name: str, steps: int) -> str:
 
 
 def make_algorithm(cfg, problem: Problem) -> MetaLearner:
-    """The algorithm named by ``cfg.name`` (an AlgoConfig) for this model and task source."""
+    """The algorithm named by ``cfg.name`` (its schema: config.SCHEMAS["algo"]) for this model
+    and task source."""
     return ALGORITHMS[cfg.name](cfg, problem)
 
 
 __all__ = [
     "ALGORITHMS",
+    "METRIC_ALGOS",
     "WITHOUT_INNER_LOOP",
     "MetaLearner",
     "Problem",
