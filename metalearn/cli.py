@@ -136,9 +136,18 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> None:
         with initialize_config_dir(config_dir=config_dir(), version_base=None):
             cfg = compose(config_name=config_name, overrides=single)
     except Exception as err:  # Hydra/OmegaConf composition errors are multi-line
-        cause = err.__cause__ or err.__context__
-        detail = f" ({_first_line(cause)})" if cause is not None else ""
-        _fail(f"{_first_line(err)}{detail}")
+        from metalearn.config import composition_error
+
+        def chosen(group: str, key: str) -> str | None:
+            """The group's choice, from the config composed without the offending key."""
+            rest = [o for o in single if _override_key(o) != f"{group}.{key}"]
+            try:
+                with initialize_config_dir(config_dir=config_dir(), version_base=None):
+                    return str(compose(config_name=config_name, overrides=rest)[group].name)
+            except Exception:
+                return None
+
+        _fail(composition_error(err, chosen))
         return
     if config_name in ("eval", "predict"):
         from metalearn.run_config import check_predict_paths, resolve

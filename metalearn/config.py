@@ -30,7 +30,10 @@ _SCHEMA_MODULES = (
     "metalearn.algos",
     "metalearn.models",
     "metalearn.tasks",
-    *(f"metalearn.data.{m}" for m in ("omniglot", "mini_imagenet", "cifar_fewshot", "image_folder", "tfds_source")),
+    *(
+        f"metalearn.data.{m}"
+        for m in ("omniglot", "mini_imagenet", "cifar_fewshot", "image_folder", "tfds_source")
+    ),
 )
 
 
@@ -86,25 +89,26 @@ def owners(group: str, key: str) -> list[str]:
     return sorted(name for name, cls in schemas(group).items() if key in cls.__dataclass_fields__)
 
 
-def composition_error(err: BaseException, choices: dict[str, str] | None = None) -> str:
+def composition_error(err: BaseException, chosen: Callable[[str, str], str | None] | None = None) -> str:
     """One line for a Hydra/OmegaConf composition error. A key that the chosen algorithm,
-    dataset or model does not have names the choices that do have it."""
-    text = " ".join(str(e) for e in (err, err.__cause__ or err.__context__) if e is not None)
-    found = re.search(r"Could not override '((algo|dataset|model)\.[\w.]+)'", text) or re.search(
-        r"Key '(\w+)' not in '(\w+)'", text
-    )
-    if found and found.group(2) in SCHEMAS:
-        dotted = found.group(1)
-        group, key = dotted.split(".", 1)
-        key = key.split(".")[0]
-        choice = (choices or {}).get(group, "the chosen " + group)
+    dataset or model does not have names the choices that do have it; ``chosen(group, key)``
+    gives the group's choice (the config composed without that key), where known."""
+
+    def first(e: BaseException) -> str:
+        text = str(e).strip()
+        return text.splitlines()[0] if text else type(e).__name__
+
+    cause = err.__cause__ or err.__context__
+    text = " ".join(str(e) for e in (err, cause) if e is not None)
+    found = re.search(r"Could not override '(algo|dataset|model)\.(\w+)", text)
+    if found:
+        group, key = found.groups()
+        choice = chosen(group, key) if chosen else None
         have = owners(group, key)
         where = f"{group}s that have it: {', '.join(have)}" if have else f"no {group} has it"
-        return f"invalid {group}.{key}: {group}={choice} has no key {key!r} ({where})"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    cause = err.__cause__ or err.__context__
-    detail = f" ({str(cause).strip().splitlines()[0]})" if cause is not None and str(cause).strip() else ""
-    return f"{first}{detail}"
+        which = f"{group}={choice}" if choice else f"the chosen {group}"
+        return f"invalid {group}.{key}: {which} has no key {key!r} ({where})"
+    return first(err) + (f" ({first(cause)})" if cause is not None else "")
 
 
 SCHEDULES = ("constant", "cosine", "linear", "step")
@@ -325,6 +329,36 @@ def section_config(group: str, values: dict[str, Any]) -> Any:
     node = OmegaConf.merge(OmegaConf.structured(cls(name=values["name"])), values)
     OmegaConf.set_struct(node, True)
     return node
+
+
+# Keys renamed since the flat config (runs made before load under the new name):
+# "group.old_key" -> "group.new_key". None so far: the per-choice schemas kept every name.
+RENAMED_KEYS: dict[str, str] = {}
+
+
+def from_stored(stored: dict[str, Any]) -> Any:
+    """A struct Config from a run's stored config (``.hydra/config.yaml`` as a dict), also one
+    written by a release with the flat algo/dataset/model sections: renamed keys are mapped
+    (:data:`RENAMED_KEYS`) and a key the run's algorithm, dataset or model does not have is
+    dropped (those releases kept every key in every run, and the choice never read the
+    others)."""
+    from omegaconf import OmegaConf
+
+    stored = {k: (dict(v) if isinstance(v, dict) else v) for k, v in stored.items()}
+    for old, new in RENAMED_KEYS.items():
+        (group, old_key), (_, new_key) = old.split(".", 1), new.split(".", 1)
+        if old_key in stored.get(group, {}):
+            stored[group][new_key] = stored[group].pop(old_key)
+    sections = {}
+    for group in SCHEMAS:
+        values = stored.pop(group)
+        fields = schemas(group)[values["name"]].__dataclass_fields__
+        sections[group] = section_config(group, {k: v for k, v in values.items() if k in fields})
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), stored)
+    for group, section in sections.items():
+        cfg[group] = section
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def validate(cfg: Any) -> None:

@@ -21,7 +21,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metalearn.algos import MetaLearner, Problem, adaptation_phrase, make_algorithm
+from metalearn.algos import MetaLearner, Problem, adaptation_phrase, make_algorithm, test_steps
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
@@ -515,13 +515,13 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
         cfg,
         cfg.eval.split,
         cfg.eval.n_tasks,
-        cfg.algo.inner_steps_test,
+        test_steps(cfg.algo),
         state.algo_state,
     )
     return {
         **final,
         "split": cfg.eval.split,
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        "inner_steps_test": test_steps(cfg.algo),
         "algo": cfg.algo.name,
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
@@ -534,7 +534,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
-    steps = adaptation_phrase(cfg.algo.name, cfg.algo.inner_steps_test)
+    steps = adaptation_phrase(cfg.algo.name, test_steps(cfg.algo))
     return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
 
 
@@ -734,7 +734,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
             exp,
             t.val_tasks,
             cfg.eval.batch_size,
-            cfg.algo.inner_steps_test,
+            test_steps(cfg.algo),
             split="validation",
             k_query=getattr(cfg.eval, "k_query", None),
         )
@@ -825,7 +825,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
                         cfg,
                         "validation",
                         t.val_tasks,
-                        cfg.algo.inner_steps_test,
+                        test_steps(cfg.algo),
                         state.algo_state,
                         evaluator=validator,
                     )

@@ -35,6 +35,12 @@ METRIC_ALGOS = ("protonet", "protomaml")
 WITHOUT_INNER_LOOP = frozenset({"protonet"})
 
 
+def test_steps(algo_cfg) -> int:
+    """Inner steps of test-time adaptation (``algo.inner_steps_test``; 0 for an algorithm
+    without an inner loop, whose schema has no such key)."""
+    return int(algo_cfg.inner_steps_test) if "inner_steps_test" in algo_cfg else 0
+
+
 def adaptation_phrase(name: str, steps: int) -> str:
     """How a result line names the test-time adaptation: " after N inner step(s)", or ""
     for an algorithm without an inner loop."""
@@ -56,4 +62,5 @@ __all__ = [
     "adaptation_phrase",
     "inner_sgd",
     "make_algorithm",
+    "test_steps",
 ]
