@@ -423,7 +423,6 @@ class SinusoidConfig(EpisodeConfig):
     @classmethod
     def check(cls, d: Any, cfg: Any) -> None:
         EpisodeConfig.check(d, cfg)
-        need(d.n_way == 1, "dataset.n_way", d.n_way, "1 for regression")
         need(d.amp_max >= d.amp_min > 0, "dataset.amp_min", d.amp_min, "> 0 and <= dataset.amp_max")
         need(d.x_max > d.x_min, "dataset.x_max", d.x_max, "> dataset.x_min")
         need(d.phase_max >= d.phase_min, "dataset.phase_max", d.phase_max, ">= dataset.phase_min")
