@@ -6,7 +6,7 @@ complete, so a crash or SIGKILL mid-write leaves only a ``*.orbax-checkpoint-tmp
 directory that is never mistaken for a checkpoint. Saving is synchronous (no background
 thread): when ``save`` returns, the step is on disk, which is what pre-emption needs.
 
-The state is :class:`metalearn.train.TrainState` (step, params, optimizer state, PRNG key,
+The state is :class:`metalearn.step.TrainState` (step, params, optimizer state, PRNG key,
 skipped-step count). Task sampling is stateless (step ``s`` draws from
 ``fold_in(key, s)``), so step and key restore the sampler exactly.
 

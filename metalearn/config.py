@@ -126,6 +126,10 @@ class OptimConfig:
     # Clamp every meta-gradient entry to [-clip_value, clip_value] (cbfinn/maml mini-ImageNet
     # and CAVIA: 10); null disables it. Applied before clip_norm.
     clip_value: float | None = None
+    # L2 weight decay lambda: lambda * param is added to the meta-gradient of every kernel (array
+    # of 2+ dimensions; biases and BatchNorm scale/offset are not decayed) after clipping and
+    # before the optimizer, i.e. a (lambda / 2) ||w||^2 penalty on the meta-loss. 0.0: off.
+    weight_decay: float = 0.0
     # "constant", "cosine" or "linear" (decays to lr * final_lr_fraction over trainer.steps),
     # or "step" (lr * decay_rate ** floor(step / decay_every); CAVIA: 0.9 every 5000 steps).
     schedule: str = "constant"
@@ -141,6 +145,7 @@ class OptimConfig:
         need(finite(o.eps) and o.eps > 0, "optim.eps", o.eps, "> 0")
         need(o.clip_norm is None or o.clip_norm > 0, "optim.clip_norm", o.clip_norm, "> 0 or null")
         need(o.clip_value is None or o.clip_value > 0, "optim.clip_value", o.clip_value, "> 0 or null")
+        need(finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
         need(o.schedule in SCHEDULES, "optim.schedule", o.schedule, "constant, cosine, linear or step")
         if o.schedule == "step":
             need(o.decay_every >= 1, "optim.decay_every", o.decay_every, ">= 1 with optim.schedule=step")

@@ -7,8 +7,9 @@ from typing import Any
 
 from metalearn.checkpoint import load_checkpoint
 from metalearn.config import validate
+from metalearn.evaluation import final_line, final_results
 from metalearn.metrics import write_json
-from metalearn.train import final_line, final_results, init_state, setup
+from metalearn.step import init_state, setup
 
 
 def evaluate(cfg: Any, out_dir: str | Path, run: Any = None) -> dict[str, Any]:

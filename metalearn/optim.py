@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -55,7 +57,12 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     [-clip_value, clip_value] (cbfinn/maml's ``tf.clip_by_value(grad, -10, 10)`` for
     mini-ImageNet in maml.py; CAVIA's ``param.grad.data.clamp_(-10, 10)`` in
     classification/main.py), then ``clip_norm`` rescales the whole meta-gradient to at most
-    that global norm. Either null: off.
+    that global norm. Either null: off. Then ``weight_decay`` adds ``weight_decay * param`` to
+    the gradient of every kernel (leaf of 2+ dimensions), so that the optimizer sees the
+    gradient of loss + (weight_decay / 2) ||kernels||^2: L2 regularisation coupled with the
+    optimizer, as meta-dataset's ``tf.keras.regularizers.L2`` on its conv and dense kernels
+    added to the loss (models/functional_backbones.py weight_variable, trainer.py), not
+    decoupled (AdamW-style) decay. 0.0: off.
     """
     lr = make_schedule(cfg, total_steps)
     opt = (
@@ -63,9 +70,17 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
         if cfg.name == "adam"
         else optax.sgd(lr, momentum=cfg.momentum or None)
     )
-    clips = []
+    before = []
     if getattr(cfg, "clip_value", None) is not None:
-        clips.append(optax.clip(cfg.clip_value))
+        before.append(optax.clip(cfg.clip_value))
     if cfg.clip_norm is not None:
-        clips.append(optax.clip_by_global_norm(cfg.clip_norm))
-    return optax.chain(*clips, opt) if clips else opt
+        before.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if getattr(cfg, "weight_decay", 0.0):
+        before.append(optax.add_decayed_weights(cfg.weight_decay, mask=_kernels))
+    return optax.chain(*before, opt) if before else opt
+
+
+def _kernels(params: Any) -> Any:
+    """True for every leaf of 2+ dimensions (conv and dense kernels), False for biases,
+    BatchNorm scale/offset and scalars."""
+    return jax.tree_util.tree_map(lambda leaf: jnp.ndim(leaf) >= 2, params)

@@ -13,7 +13,7 @@ Classification runs:
 Every file must be an image (png, jpg, jpeg, bmp, gif, webp, tif, tiff); hidden files are
 skipped. Images get the run's recorded preprocessing (:mod:`metalearn.preprocess`; polarity
 per ``preprocess.invert``). The model adapts on the whole support set with the run's
-algorithm and ``algo.inner_steps_test`` (:meth:`MetaLearner.adapt_with`, from the carried
+algorithm and ``algo.inner_steps_test`` (:meth:`MetaLearner.adapt`, from the carried
 algorithm state), then classifies the query files with :meth:`MetaLearner.predict`. BatchNorm
 is transductive, as in training and evaluation: the query files are classified together, in
 batches of at most :data:`QUERY_BATCH` (larger sets are split into near-equal batches in a
@@ -166,8 +166,8 @@ def _read_csv(path: Path, columns: tuple[int, ...], what: str) -> np.ndarray:
 
 def _problem(cfg: Any, record: dict):
     """Model and algorithm for the run's recorded input and head, without its dataset."""
+    from metalearn.step import setup
     from metalearn.tasks import TaskSource
-    from metalearn.train import setup
 
     def no_sampler(data, key):
         raise NotImplementedError("predict has no task sampler")
@@ -182,7 +182,7 @@ def _problem(cfg: Any, record: dict):
 def load_trained(cfg: Any, record: dict):
     """(experiment, train state) of the run in ``cfg.run_dir`` (newest usable checkpoint)."""
     from metalearn.checkpoint import load_checkpoint
-    from metalearn.train import init_state
+    from metalearn.step import init_state
 
     exp = _problem(cfg, record)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
@@ -204,7 +204,7 @@ def adapt_and_predict(
 
     @jax.jit
     def adapt(params, algo_state, sx, sy):
-        return algo.adapt_with(params, algo_state, sx, sy, key, steps)
+        return algo.adapt(params, algo_state, sx, sy, key, steps)
 
     predict = jax.jit(algo.predict)
     adapted = adapt(state.params, state.algo_state, jnp.asarray(support_x), jnp.asarray(support_y))

@@ -8,6 +8,10 @@ recorded (``error.txt``) and the suite goes on. At the end the runs are aggregat
 :mod:`metalearn.report` into ``results.md``, ``results.csv`` and ``curves/*.png``, next to
 the numbers the presets record from the papers.
 
+The suites are config, not code: ``conf/suite/<name>.yaml`` of the packaged config directory
+(:func:`suite_dir`), each with its presets, seeds, overrides for every job and per preset, and
+expected wall time (:func:`load_suite`).
+
 Subprocesses rather than in-process calls: each job starts with a fresh JAX/XLA state and
 its own Hydra run dir, exactly as a user's command would.
 """
@@ -19,9 +23,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from metalearn.cli import config_dir
 from metalearn.report import write_report
 
 OMNIGLOT_ENV = "METALEARN_OMNIGLOT_DIR"
@@ -37,84 +45,69 @@ class Suite:
     overrides: tuple[str, ...] = ()
     # Per-preset overrides on top of ``overrides`` (e.g. a smaller budget for one preset).
     per_experiment: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    # Expected wall time, for the listing; measured where stated.
+    # Expected wall time, printed when the suite starts; measured where stated.
     expected: str = ""
+    # Place in the listing of ``metalearn reproduce --help``.
+    order: int = 0
 
 
-_OMNI_MAML = ("maml_omniglot_5w1s", "maml_omniglot_5w5s", "maml_omniglot_20w1s", "maml_omniglot_20w5s")
+class SuiteError(ValueError):
+    """A suite file that does not parse into a :class:`Suite` (the message names file and key)."""
 
-SUITES: dict[str, Suite] = {
-    # A pipeline check, not a reproduction: tiny budgets, 2 seeds. Omniglot runs on the
-    # "small" archives (the ones a CPU machine is likely to have) with small test sets.
-    "smoke": Suite(
-        experiments=("maml_sinusoid_k5", "maml_omniglot_5w1s"),
-        seeds=(0, 1),
-        overrides=("trainer.checkpoint_every=0", "eval.n_tasks=100"),
-        per_experiment={
-            "maml_sinusoid_k5": (
-                "trainer.steps=2000",
-                "trainer.log_every=50",
-                "trainer.val_every=500",
-                "trainer.val_tasks=100",
-            ),
-            "maml_omniglot_5w1s": (
-                "dataset.variant=small",
-                "trainer.steps=300",
-                "trainer.meta_batch_size=8",
-                "trainer.val_every=100",
-                "trainer.val_tasks=50",
-                "trainer.log_every=25",
-            ),
-        },
-        expected="3 min 21 s measured on 2 CPU cores (cold Omniglot cache: the build included)",
-    ),
-    "maml_sinusoid": Suite(
-        experiments=("maml_sinusoid_k5", "maml_sinusoid_k10"),
-        expected="6 runs x 70k steps: about 35 s each on one H200 (about 4 min); "
-        "1.5-3 min each on 2 CPU cores",
-    ),
-    "maml_omniglot": Suite(
-        experiments=_OMNI_MAML,
-        expected="12 runs x 60k steps on one H200, about 70 min: per run 5w1s 107 s (measured, small "
-        "variant), 5w5s ~2 min, 20w1s ~7 min, 20w5s ~13 min (estimated from scripts/bench.py throughput)",
-    ),
-    "fomaml_omniglot": Suite(
-        experiments=tuple(e.replace("maml_", "fomaml_", 1) for e in _OMNI_MAML),
-        expected="12 runs x 60k steps on one H200, about 40 min (estimated: first order makes the "
-        "5-step 20-way runs about 2.3x faster, scripts/bench.py)",
-    ),
-    # Issue 13's algorithms. MAML++ presets come from metalearn/algos/mamlpp.py's branch.
-    "mamlpp": Suite(
-        experiments=(
-            "mamlpp_omniglot_5w1s",
-            "mamlpp_omniglot_20w1s",
-            "mamlpp_miniimagenet_5w1s",
-            "mamlpp_miniimagenet_5w5s",
-        ),
-        expected="12 runs; accelerator-sized (not measured here)",
-    ),
-    "imaml": Suite(
-        experiments=("imaml_omniglot_5w1s", "imaml_omniglot_20w1s", "imaml_miniimagenet_5w1s"),
-        expected="9 runs of 20k-60k steps with 16-25 inner steps; accelerator-sized (not measured here)",
-    ),
-    "protonet": Suite(
-        experiments=(
-            "protonet_omniglot_5w1s",
-            "protonet_omniglot_20w1s",
-            "protonet_miniimagenet_5w1s",
-            "protonet_miniimagenet_5w5s",
-        ),
-        expected="12 runs of 20k-30k single-episode steps; accelerator-sized (not measured here)",
-    ),
-    "protomaml": Suite(
-        experiments=("protomaml_omniglot_5w1s",),
-        expected="3 runs of 60k steps at MAML's Omniglot cost (first order); accelerator-sized",
-    ),
-    "others": Suite(
-        experiments=("caml_sinusoid_k10", "metasgd_omniglot_5w1s", "reptile_omniglot_5w1s"),
-        expected="9 runs on one H200: a few minutes for CAML sinusoid, 2-4 min per Omniglot run",
-    ),
-}
+
+def suite_dir() -> Path:
+    """conf/suite/ of the packaged config directory: one ``<name>.yaml`` per suite."""
+    return Path(config_dir()) / "suite"
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SuiteError(f"{where}: must be a list of strings")
+    return tuple(value)
+
+
+def load_suite(path: Path) -> Suite:
+    """The :class:`Suite` of one YAML file (keys: experiments, seeds, overrides,
+    per_experiment, expected, order; experiments required)."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: must be a mapping of suite keys")
+    unknown = sorted(set(data) - {f.name for f in fields(Suite)})
+    if unknown:
+        raise SuiteError(f"{path}: unknown key {unknown[0]!r}")
+    if "experiments" not in data:
+        raise SuiteError(f"{path}: experiments: missing")
+    seeds = data.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not all(type(s) is int for s in seeds):
+        raise SuiteError(f"{path}: seeds: must be a list of integers")
+    per_experiment = data.get("per_experiment") or {}
+    if not isinstance(per_experiment, dict):
+        raise SuiteError(f"{path}: per_experiment: must map preset names to lists of overrides")
+    experiments = _strings(data["experiments"], f"{path}: experiments")
+    stray = sorted(set(per_experiment) - set(experiments))
+    if stray:
+        raise SuiteError(f"{path}: per_experiment.{stray[0]}: not among the suite's experiments")
+    return Suite(
+        experiments=experiments,
+        seeds=tuple(seeds),
+        overrides=_strings(data.get("overrides") or [], f"{path}: overrides"),
+        per_experiment={k: _strings(v, f"{path}: per_experiment.{k}") for k, v in per_experiment.items()},
+        expected=str(data.get("expected", "")),
+        order=_order(data.get("order", 0), path),
+    )
+
+
+def _order(value: Any, path: Path) -> int:
+    if type(value) is not int:
+        raise SuiteError(f"{path}: order: must be an integer")
+    return value
+
+
+def load_suites(folder: Path | None = None) -> dict[str, Suite]:
+    """Every suite of ``folder`` (default :func:`suite_dir`), by name (the file's stem), in
+    the order of their ``order`` key, then name."""
+    suites = {p.stem: load_suite(p) for p in sorted((folder or suite_dir()).glob("*.yaml"))}
+    return dict(sorted(suites.items(), key=lambda item: (item[1].order, item[0])))
 
 
 def _needs_omniglot(experiment: str) -> bool:
@@ -176,13 +169,19 @@ def run_job(argv: list[str], log_path: Path) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        suites = load_suites()
+    except (OSError, yaml.YAMLError, SuiteError) as err:
+        print(f"metalearn: error: suite config: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog="metalearn reproduce",
         description="Run a suite of experiment presets (conf/experiment/) over seeds, then write "
         "results.md, results.csv and learning curves next to the papers' numbers.",
-        epilog="suites: " + "; ".join(f"{n} ({', '.join(s.experiments)})" for n, s in SUITES.items()),
+        epilog="suites: " + "; ".join(f"{n} ({', '.join(s.experiments)})" for n, s in suites.items()),
     )
-    parser.add_argument("suite", choices=sorted(SUITES), help="which suite to run")
+    # Checked below rather than by argparse's choices, so that an unknown name is one line.
+    parser.add_argument("suite", metavar="{" + ",".join(sorted(suites)) + "}", help="which suite to run")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
     parser.add_argument(
         "--out", type=Path, default=None, help="report folder (default: outputs/reproduce/<suite>/<time>)"
@@ -209,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     # Options may come before or after the overrides.
     args = parser.parse_intermixed_args(argv)
 
-    suite = SUITES[args.suite]
+    if args.suite not in suites:
+        print(
+            f"metalearn: error: unknown suite {args.suite!r} (one of: {', '.join(sorted(suites))}; "
+            f"conf/suite/<name>.yaml)",
+            file=sys.stderr,
+        )
+        return 2
+    suite = suites[args.suite]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
     out = args.out or Path("outputs/reproduce") / args.suite / time.strftime("%Y-%m-%d_%H-%M-%S")
     jobs, notes = plan(

@@ -52,16 +52,9 @@ from jax.extend.core import jaxprs_in_params
 from omegaconf import OmegaConf
 
 from metalearn.config import Config, schemas, section_config
+from metalearn.prefetch import HostPrefetcher
+from metalearn.step import init_state, make_meta_block, make_meta_step, replicate, setup, task_mesh
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import (
-    HostPrefetcher,
-    init_state,
-    make_meta_block,
-    make_meta_step,
-    replicate,
-    setup,
-    task_mesh,
-)
 
 # name -> (dataset overrides, model overrides, image shape or None, meta-batch size)
 WORKLOADS = {

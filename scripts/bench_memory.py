@@ -28,7 +28,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import WORKLOADS, compiled_memory_bytes, workload_experiment  # noqa: E402
 
-from metalearn.train import init_state, make_meta_step, replicate, task_mesh  # noqa: E402
+from metalearn.step import init_state, make_meta_step, replicate, task_mesh  # noqa: E402
 
 
 def compiled_memory(workload: str, algo: str, inner_steps: int, meta_batch: int | None) -> dict:

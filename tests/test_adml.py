@@ -16,8 +16,8 @@ from metalearn.algos import Problem, make_algorithm
 from metalearn.config import section_config, validate
 from metalearn.errors import ConfigError
 from metalearn.models import make_model
+from metalearn.step import init_state, make_meta_step, setup
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import init_state, make_meta_step, setup
 
 
 def _problem(kind: str, cfg) -> Problem:
@@ -117,7 +117,7 @@ def test_meta_grad_matches_crossed_reference(float64, kind, first_order, regener
     params = jax.tree.map(lambda a: a.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
     tasks = _f64_tasks(problem, 3)
 
-    grads, metrics = jax.jit(algo.meta_grad)(params, tasks, jax.random.PRNGKey(2))
+    grads, _, metrics = jax.jit(algo.meta_grad)(params, (), tasks, jax.random.PRNGKey(2), 0)
     ref_loss, ref_grads = _reference(problem, params, tasks, 0.05, 2, eps, first_order, regenerate)
 
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-10)
@@ -133,11 +133,11 @@ def test_metric_is_clean_adaptation_on_clean_query(float64):
     algo = make_algorithm(cfg.algo, problem)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
     tasks = _f64_tasks(problem, 3)
-    _, metrics = algo.meta_grad(params, tasks, jax.random.PRNGKey(0))
+    _, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(0), 0)
     expected = []
     for i in range(3):
         t = jax.tree.map(lambda a, i=i: a[i], tasks)
-        adapted = algo.adapt(params, t.support_x, t.support_y, jax.random.PRNGKey(0), 2)
+        adapted = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(0), 2)
         expected.append(float(problem.source.metric(algo.predict(params, adapted, t.query_x), t.query_y)))
     np.testing.assert_allclose(float(metrics["mse"]), np.mean(expected), rtol=1e-10)
 
@@ -153,8 +153,8 @@ def test_zero_eps_is_twice_maml(float64):
     maml = make_algorithm(cfg.algo, problem)
     params = jax.tree.map(lambda a: a.astype(jnp.float64), adml.init(jax.random.PRNGKey(0)))
     tasks = _f64_tasks(problem, 4)
-    g_adml, m_adml = adml.meta_grad(params, tasks, jax.random.PRNGKey(1))
-    g_maml, m_maml = maml.meta_grad(params, tasks, jax.random.PRNGKey(1))
+    g_adml, _, m_adml = adml.meta_grad(params, (), tasks, jax.random.PRNGKey(1), 0)
+    g_maml, _, m_maml = maml.meta_grad(params, (), tasks, jax.random.PRNGKey(1), 0)
     np.testing.assert_allclose(float(m_adml["loss"]), 2 * float(m_maml["loss"]), rtol=1e-12)
     np.testing.assert_allclose(float(m_adml["mse"]), float(m_maml["mse"]), rtol=1e-12)
     np.testing.assert_allclose(_flat(g_adml), 2 * _flat(g_maml), rtol=1e-10, atol=1e-13)

@@ -128,9 +128,9 @@ def test_caml_inner_loop_adapts_only_a_zero_initialised_context():
     key = jax.random.PRNGKey(0)
     for i in range(3):
         t = _task(tasks, i)
-        np.testing.assert_array_equal(algo.adapt(params, t.support_x, t.support_y, key, 0), np.zeros(3))
+        np.testing.assert_array_equal(algo.adapt(params, (), t.support_x, t.support_y, key, 0), np.zeros(3))
         # Reference: explicit steps on the context only, from zero, with params held fixed.
-        adapted = algo.adapt(params, t.support_x, t.support_y, key, 2)
+        adapted = algo.adapt(params, (), t.support_x, t.support_y, key, 2)
         assert adapted.shape == (3,) and float(jnp.linalg.norm(adapted)) > 1e-4
         _close(adapted, _reference_context(problem, model, params, t, lr=0.5, steps=2))
         # The context changes predictions (it is what adapts the network to the task).
@@ -145,7 +145,7 @@ def test_caml_outer_gradient_reaches_shared_params_through_the_context(float64):
         model = with_context(problem.model, (1,), 3)
         params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
         tasks = jax.tree.map(lambda x: x.astype(jnp.float64), _tasks(problem, 3))
-        grads, metrics = algo.meta_grad(params, tasks, jax.random.PRNGKey(2))
+        grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)
         assert set(metrics) == {"loss", "mse"}
         assert min(_leaf_norms(grads)) > 1e-6  # every shared parameter gets an outer gradient
 
@@ -173,13 +173,13 @@ def test_caml_on_conv4_builds_and_adapts():
     assert "film" in params and params["film"]["dense"]["kernel"].shape == (4, 2 * 8)
     tasks = _tasks(problem, 2)
     t = _task(tasks, 0)
-    adapt, predict = jax.jit(algo.adapt, static_argnums=4), jax.jit(algo.predict)  # compile once
-    context = adapt(params, t.support_x, t.support_y, jax.random.PRNGKey(0), 1)
+    adapt, predict = jax.jit(algo.adapt, static_argnums=5), jax.jit(algo.predict)  # compile once
+    context = adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(0), 1)
     assert context.shape == (4,) and float(jnp.linalg.norm(context)) > 0
     pred = predict(params, context, t.query_x)
     assert pred.shape == (10, 5)
     assert float(jnp.max(jnp.abs(pred - predict(params, jnp.zeros(4), t.query_x)))) > 0
-    grads, metrics = jax.jit(algo.meta_grad)(params, tasks, jax.random.PRNGKey(1))
+    grads, _, metrics = jax.jit(algo.meta_grad)(params, (), tasks, jax.random.PRNGKey(1), 0)
     assert set(metrics) == {"loss", "accuracy"} and np.isfinite(float(metrics["loss"]))
     assert float(jnp.linalg.norm(grads["film"]["dense"]["kernel"])) > 0
     assert float(jnp.linalg.norm(grads["conv_0"]["kernel"])) > 0
@@ -211,9 +211,9 @@ def test_metasgd_inner_step_uses_per_parameter_rates_and_rates_get_meta_gradient
     t = _task(tasks, 0)
     g_s = jax.grad(support_loss)(meta["params"], t)
     expected = jax.tree.map(lambda p, a, g: p - a * g, meta["params"], meta["lrs"], g_s)
-    _close(algo.adapt(meta, t.support_x, t.support_y, jax.random.PRNGKey(0), 1), expected, rtol=1e-12)
+    _close(algo.adapt(meta, (), t.support_x, t.support_y, jax.random.PRNGKey(0), 1), expected, rtol=1e-12)
 
-    grads, _ = algo.meta_grad(meta, tasks, jax.random.PRNGKey(0))
+    grads, _, _ = algo.meta_grad(meta, (), tasks, jax.random.PRNGKey(0), 0)
     assert min(_leaf_norms(grads["lrs"])) > 1e-8 and min(_leaf_norms(grads["params"])) > 1e-8
     # One step: d L_Q(theta - alpha * g_S) / d alpha = -g_S * grad L_Q(theta'), per task.
     lr_grad = None
@@ -281,7 +281,7 @@ def test_reptile_step_is_outer_lr_times_mean_adapted_minus_initial(float64, inne
     mean_adapted = jax.tree.map(lambda *ws: sum(ws) / n_tasks, *adapted)
     expected = jax.tree.map(lambda w, m: w + eps_outer * (m - w), params, mean_adapted)
 
-    grads, metrics = algo.meta_grad(params, tasks, jax.random.PRNGKey(3))
+    grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(3), 0)
     opt = optax.sgd(eps_outer)
     updates, _ = opt.update(grads, opt.init(params), params)
     _close(optax.apply_updates(params, updates), expected, rtol=1e-9, atol=1e-12)
@@ -312,8 +312,8 @@ def test_reptile_minibatches_cover_each_epoch_without_replacement():
     algo = make_algorithm(cfg.algo, problem)
     params = algo.init(jax.random.PRNGKey(0))
     t = _task(_tasks(problem, 1), 0)
-    a = algo.adapt(params, t.support_x, t.support_y, jax.random.PRNGKey(1), 4)
-    b = algo.adapt(params, t.support_x, t.support_y, jax.random.PRNGKey(2), 4)
+    a = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(1), 4)
+    b = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(2), 4)
     assert max(_leaf_norms(jax.tree.map(jnp.subtract, a, b))) > 0  # batches depend on the key
 
 
@@ -328,7 +328,7 @@ def test_anil_adapts_only_the_head_and_differentiates_through_it(float64):
     tasks = jax.tree.map(lambda x: x.astype(jnp.float64), _tasks(problem, 3))
     t = _task(tasks, 0)
 
-    head = algo.adapt(params, t.support_x, t.support_y, jax.random.PRNGKey(0), 2)
+    head = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(0), 2)
     assert jax.tree.structure(head) == jax.tree.structure(params["head"])
     assert min(_leaf_norms(jax.tree.map(jnp.subtract, head, params["head"]))) > 1e-6  # the head moved
     # Prediction = the untouched body of the meta-parameters with the adapted head.
@@ -349,7 +349,7 @@ def test_anil_adapts_only_the_head_and_differentiates_through_it(float64):
     _close({k: v for k, v in reference.items() if k != "head"}, body)
     _close(reference["head"], head, rtol=1e-12)
 
-    grads, _ = algo.meta_grad(params, tasks, jax.random.PRNGKey(0))
+    grads, _, _ = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(0), 0)
 
     def outer(p):
         losses = []

@@ -11,7 +11,8 @@ from conftest import make_cfg
 from metalearn.attacks import default_step_size, fgsm, make_attack, pgd
 from metalearn.config import validate
 from metalearn.errors import ConfigError
-from metalearn.train import evaluate_final, evaluate_params, init_state, make_evaluator, setup
+from metalearn.evaluation import evaluate_final, evaluate_params, make_evaluator
+from metalearn.step import init_state, setup
 
 
 def _linear_classifier(seed: int = 0, n: int = 16, d: int = 12, classes: int = 3):

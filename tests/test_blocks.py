@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 from conftest import make_cfg
 
-from metalearn.train import (
-    _BlockLengths,
-    init_state,
-    make_meta_block,
-    make_meta_step,
-    replicate,
-    setup,
-    task_mesh,
-)
+from metalearn.loop_control import BlockLengths
+from metalearn.step import init_state, make_meta_block, make_meta_step, replicate, setup, task_mesh
 
 
 def test_blocks_match_single_steps_bitwise_with_skipped_steps():
@@ -66,10 +59,10 @@ def test_host_episodes_take_one_step_per_call():
     with pytest.raises(ValueError, match="host-gathered"):
         make_meta_block(exp, 2, max_steps=2)
     t = types.SimpleNamespace(steps_per_call=0, log_every=100, val_every=0, checkpoint_every=0, steps=1000)
-    assert _BlockLengths(t, host=True, multi_process=False).max_steps == 1
+    assert BlockLengths(t, host=True, multi_process=False).max_steps == 1
 
 
-def _lengths(blocks: _BlockLengths, start: int, stop: int) -> list[int]:
+def _lengths(blocks: BlockLengths, start: int, stop: int) -> list[int]:
     out, step = [], start
     while step < stop:
         n = blocks.length(step)
@@ -81,22 +74,22 @@ def _lengths(blocks: _BlockLengths, start: int, stop: int) -> list[int]:
 def test_blocks_end_at_log_validation_checkpoint_and_last_steps():
     t = types.SimpleNamespace(steps_per_call=0, log_every=10, val_every=25, checkpoint_every=30, steps=67)
     # multi-process (untimed): boundary to boundary, the first block one step
-    lengths = _lengths(_BlockLengths(t, host=False, multi_process=True), 0, t.steps)
+    lengths = _lengths(BlockLengths(t, host=False, multi_process=True), 0, t.steps)
     assert np.cumsum(lengths).tolist() == [1, 10, 20, 25, 30, 40, 50, 60, 67]
     # resumed at a step off the grid (a pre-emption checkpoint)
-    lengths = _lengths(_BlockLengths(t, host=False, multi_process=True), 33, t.steps)
+    lengths = _lengths(BlockLengths(t, host=False, multi_process=True), 33, t.steps)
     assert (33 + np.cumsum(lengths)).tolist() == [34, 40, 50, 60, 67]
     # a fixed maximum, and one step per call
     t.steps_per_call = 4
-    lengths = _lengths(_BlockLengths(t, host=False, multi_process=False), 0, 20)
+    lengths = _lengths(BlockLengths(t, host=False, multi_process=False), 0, 20)
     assert np.cumsum(lengths).tolist() == [1, 5, 9, 10, 14, 18, 20]
     t.steps_per_call = 1
-    assert set(_lengths(_BlockLengths(t, host=False, multi_process=False), 0, t.steps)) == {1}
+    assert set(_lengths(BlockLengths(t, host=False, multi_process=False), 0, t.steps)) == {1}
 
 
 def test_automatic_blocks_are_sized_by_time():
     t = types.SimpleNamespace(steps_per_call=0, log_every=500, val_every=0, checkpoint_every=0, steps=10**6)
-    blocks = _BlockLengths(t, host=False, multi_process=False)
+    blocks = BlockLengths(t, host=False, multi_process=False)
     assert blocks.timed and blocks.max_steps == 500
     assert blocks.length(0) == 1
     blocks.observe(1, 0.5)  # slow steps: one per call

@@ -140,12 +140,12 @@ def test_preset_inner_step_and_meta_gradient_equal_the_reference_formula(float64
     alpha = cfg.algo.inner_lr
     assert alpha == 0.4
 
-    adapted = algo.adapt(params, tasks.support_x[0], tasks.support_y[0], jax.random.key(0), 1)
+    adapted = algo.adapt(params, (), tasks.support_x[0], tasks.support_y[0], jax.random.key(0), 1)
     expected = _ref_fast_weights(params, tasks.support_x[0], tasks.support_y[0], alpha)
     assert _close(adapted, expected)
     assert _close(adapted["norm_1"], params["norm_1"])  # not adapted ...
 
-    grads, metrics = algo.meta_grad(params, tasks, jax.random.key(0))
+    grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.key(0), 0)
     ref_loss, ref_grads = jax.value_and_grad(_ref_meta_loss)(params, tasks, alpha)
     assert float(metrics["loss"]) == pytest.approx(float(ref_loss), rel=1e-12)
     assert _close(grads, ref_grads)
@@ -162,7 +162,7 @@ def test_each_switch_moves_the_inner_step_away_from_the_reference(float64, overr
     _, model, algo = _preset_problem([override])
     params = _params64(model)
     tasks = _tasks()
-    adapted = algo.adapt(params, tasks.support_x[0], tasks.support_y[0], jax.random.key(0), 1)
+    adapted = algo.adapt(params, (), tasks.support_x[0], tasks.support_y[0], jax.random.key(0), 1)
     if override in ("model.head=flatten", "model.bn_scale=true"):
         # Different parameter shapes / trees from the reference's network.
         _, ref_model, _ = _preset_problem()

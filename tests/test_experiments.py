@@ -85,6 +85,20 @@ def test_presets_exist():
     assert required <= set(PRESETS)
 
 
+def test_bases_are_not_presets_and_each_is_used():
+    """conf/experiment/base/ holds the settings presets share; the glob above is top-level
+    only, so no base is taken for a preset, and a base no preset (or base) includes is dead."""
+    experiment = REPO / "conf" / "experiment"
+    bases = {p.stem for p in (experiment / "base").glob("*.yaml")}
+    assert bases and not bases & set(PRESETS)
+    texts = [p.read_text() for p in experiment.rglob("*.yaml")]
+    for base in bases:
+        assert any(f"- base/{base}\n" in t or f"  - {base}\n" in t for t in texts), f"base {base} unused"
+        # Each base cites its source in its header comment.
+        header = (experiment / "base" / f"{base}.yaml").read_text().split("\n\n")[0]
+        assert "github.com/" in header or "base/" in header, f"base {base}: no source named"
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_and_validates(name):
     cfg = _compose([f"experiment={name}"])

@@ -56,14 +56,15 @@ def test_eval_reproduces_the_training_result_of_each_algorithm(tiny_sweep, tmp_p
 def _direct_maml_mse(run: Path, steps: int, n_tasks: int) -> float:
     """Adapt-and-predict written out: load the checkpoint, draw the evaluator's test tasks
     (task i from fold_in(test key, i)), take ``steps`` plain gradient steps, score the query."""
-    from metalearn.train import _TEST_STREAM, init_state, setup, stream_key
+    from metalearn.evaluation import TEST_STREAM
+    from metalearn.step import init_state, setup, stream_key
 
     cfg = _run_config(run)
     exp = setup(cfg)
     params = load_checkpoint(run, init_state(exp, cfg.seed)).params
     lr = cfg.algo.inner_lr
     loss = lambda p, x, y: jnp.mean((exp.model.apply(p, x) - y) ** 2)
-    key = stream_key(cfg.seed, _TEST_STREAM)
+    key = stream_key(cfg.seed, TEST_STREAM)
     mses = []
     for i in range(n_tasks):
         sample_key, _ = jax.random.split(jax.random.fold_in(key, i))
@@ -112,7 +113,8 @@ def test_eval_results_do_not_depend_on_eval_batch_size(tiny_sweep, tmp_path):
 def test_training_learns(tiny_sweep):
     """The 30 meta-steps lower the test MSE, on the same tasks, from that of the initial
     parameters (step 0, seed 0)."""
-    from metalearn.train import evaluate_params, init_state, setup
+    from metalearn.evaluation import evaluate_params
+    from metalearn.step import init_state, setup
 
     for algo in ("maml", "reptile"):
         run = sweep_run(tiny_sweep, algo)

@@ -69,7 +69,7 @@ def _explicit_outer(problem, tasks, n_tasks: int, steps: int, params, update):
 def _meta_grad_matches(algo, meta, tasks, outer):
     """Check ``algo.meta_grad``'s loss and gradients at ``meta`` against ``outer``'s
     (float64); return the gradients."""
-    grads, metrics = jax.jit(algo.meta_grad)(meta, tasks, jax.random.PRNGKey(0))
+    grads, _, metrics = jax.jit(algo.meta_grad)(meta, (), tasks, jax.random.PRNGKey(0), 0)
     loss, reference = jax.jit(jax.value_and_grad(outer))(meta)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-12)
     _close(grads, reference)

@@ -43,7 +43,8 @@ class _NotHandled(Exception):
 def test_sigint_checkpoints_the_current_step_and_exits_130(tmp_path):
     """In this process: SIGINT once the run has logged step 20; train() must finish the step,
     checkpoint it and raise Preempted with exit code 130 (the CLI's exit status)."""
-    from metalearn.train import Preempted, train
+    from metalearn.loop_control import Preempted
+    from metalearn.train import train
 
     cfg = make_cfg(model={"hidden": [8]}, trainer={**TINY_TRAINER, "steps": 10**7}, eval={"n_tasks": 2})
     run_dir = tmp_path / "run"
@@ -127,7 +128,8 @@ def test_second_signal_during_the_checkpoint_exits_at_once(tmp_path):
 
 
 def test_an_exception_in_the_prefetch_thread_surfaces_in_the_training_loop():
-    from metalearn.train import HostPrefetcher, task_mesh
+    from metalearn.prefetch import HostPrefetcher
+    from metalearn.step import task_mesh
 
     def broken_indices(split, keys):
         raise RuntimeError("gather failed on the host")

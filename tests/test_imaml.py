@@ -65,13 +65,13 @@ def test_meta_gradient_equals_direct_solve_with_the_full_hessian(float64):
     params = _to64(algo.init(jax.random.PRNGKey(0)))
     tasks = _tasks(source, 2)
     key = jax.random.PRNGKey(5)
-    grads, metrics = jax.jit(algo.meta_grad)(params, tasks, key)
+    grads, _, metrics = jax.jit(algo.meta_grad)(params, (), tasks, key, 0)
 
     keys = jax.random.split(key, 2)
     expected, losses, plain = [], [], []
     for i in range(2):
         task = jax.tree.map(lambda a, i=i: a[i], tasks)
-        phi = algo.adapt(params, task.support_x, task.support_y, keys[i], inner_steps)
+        phi = algo.adapt(params, (), task.support_x, task.support_y, keys[i], inner_steps)
         flat_phi, unravel = ravel_pytree(phi)
         support = lambda v, t=task, u=unravel: problem.loss(u(v), t.support_x, t.support_y)
         query = lambda v, t=task, u=unravel: problem.loss(u(v), t.query_x, t.query_y)
@@ -87,7 +87,7 @@ def test_meta_gradient_equals_direct_solve_with_the_full_hessian(float64):
     # The inverse matters: the plain query gradient at phi (first-order iMAML) is different.
     assert not np.allclose(ravel_pytree(grads)[0], np.mean(plain, axis=0), rtol=1e-3)
     cfg.algo.cg_steps = 1
-    one_step, _ = make_algorithm(cfg.algo, problem).meta_grad(params, tasks, key)
+    one_step, _, _ = make_algorithm(cfg.algo, problem).meta_grad(params, (), tasks, key, 0)
     assert not np.allclose(ravel_pytree(one_step)[0], np.mean(expected, axis=0), rtol=1e-3)
 
 
@@ -127,13 +127,13 @@ def test_quadratic_inner_loss_matches_the_closed_form(float64):
 
     # phi* = argmin L_S(phi) + lam/2 ||phi - theta||^2  =>  (A_S + lam I) phi* = c_S + lam theta
     phi_star = np.linalg.solve(a_s + lam * np.eye(2), c_s + lam * th)
-    phi = algo.adapt(theta, task.support_x, task.support_y, jax.random.PRNGKey(0), 3000)
+    phi = algo.adapt(theta, (), task.support_x, task.support_y, jax.random.PRNGKey(0), 3000)
     np.testing.assert_allclose([phi["a"][0], phi["b"][0]], phi_star, rtol=1e-10)
 
     # d L_Q(phi*(theta)) / d theta = lam (A_S + lam I)^-1 (A_Q phi* - c_Q)
     closed = lam * np.linalg.solve(a_s + lam * np.eye(2), a_q @ phi_star - c_q)
     tasks = jax.tree.map(lambda v: v[None], task)
-    grads, _ = algo.meta_grad(theta, tasks, jax.random.PRNGKey(0))
+    grads, _, _ = algo.meta_grad(theta, (), tasks, jax.random.PRNGKey(0), 0)
     np.testing.assert_allclose([grads["a"][0], grads["b"][0]], closed, rtol=1e-9)
 
     # And by autodiff through the closed-form solution (a third, independent route).
@@ -156,7 +156,7 @@ def _compiled_temp_bytes(algo_name: str, inner_steps: int) -> int:
     params = algo.init(jax.random.PRNGKey(0))
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     tasks = jax.vmap(source.sample, in_axes=(None, 0))({}, keys)
-    compiled = jax.jit(algo.meta_grad).lower(params, tasks, jax.random.PRNGKey(2)).compile()
+    compiled = jax.jit(algo.meta_grad).lower(params, (), tasks, jax.random.PRNGKey(2), 0).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -216,20 +216,20 @@ def test_pullback_variant_matches_a_hand_written_loop_and_its_linear_system(floa
         expected.append(jnp.linalg.solve(system, jax.grad(query)(phi)))
         if i == 0:
             phi0, plain0, task0 = phi, plain, task
-    grads, _ = jax.jit(algo.meta_grad)(theta, tasks, jax.random.PRNGKey(5))
+    grads, _, _ = jax.jit(algo.meta_grad)(theta, (), tasks, jax.random.PRNGKey(5), 0)
     np.testing.assert_allclose(ravel_pytree(grads)[0], np.mean(expected, axis=0), rtol=1e-7, atol=1e-10)
 
     # Evaluation adapts with lam_test = 0: the pull-back is a no-op, plain steps remain.
-    adapted = algo.adapt(theta, task0.support_x, task0.support_y, jax.random.PRNGKey(0), steps)
+    adapted = algo.adapt(theta, (), task0.support_x, task0.support_y, jax.random.PRNGKey(0), steps)
     np.testing.assert_allclose(ravel_pytree(adapted)[0], plain0, rtol=1e-12)
     assert not np.allclose(plain0, phi0, rtol=1e-6)
     # With lam_test unset, evaluation pulls back with lam, like training.
     cfg.algo.lam_test = None
-    same = make_algorithm(cfg.algo, problem).adapt(theta, task0.support_x, task0.support_y, None, steps)
+    same = make_algorithm(cfg.algo, problem).adapt(theta, (), task0.support_x, task0.support_y, None, steps)
     np.testing.assert_allclose(ravel_pytree(same)[0], phi0, rtol=1e-12)
     # The paper's variant (proximal term in every step) is a different phi.
     cfg.algo.proximal = "every_step"
-    paper = make_algorithm(cfg.algo, problem).adapt(theta, task0.support_x, task0.support_y, None, steps)
+    paper = make_algorithm(cfg.algo, problem).adapt(theta, (), task0.support_x, task0.support_y, None, steps)
     assert not np.allclose(ravel_pytree(paper)[0], phi0, rtol=1e-6)
 
 

@@ -17,8 +17,8 @@ from conftest import counting_traces, make_cfg, synthetic_image_arrays
 from metalearn.algos import Problem, make_algorithm
 from metalearn.config import section_config
 from metalearn.models import make_model
+from metalearn.step import init_state, make_meta_step, setup
 from metalearn.tasks import image_source, sinusoid_source
-from metalearn.train import init_state, make_meta_step, setup
 
 
 def _problem(kind: str, cfg):
@@ -74,7 +74,7 @@ def test_second_order_meta_gradient_matches_finite_differences(float64, kind):
     params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
     tasks = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, _tasks(problem, 3))
 
-    grads, metrics = algo.meta_grad(params, tasks, jax.random.PRNGKey(2))
+    grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)
     g = _flat(grads)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
 
@@ -98,7 +98,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params(float64, kind)
     algo = make_algorithm(cfg.algo, problem)
     params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
     tasks = jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, _tasks(problem, 3))
-    grads, _ = algo.meta_grad(params, tasks, jax.random.PRNGKey(2))
+    grads, _, _ = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)
 
     # With the inner gradients' dependence on params stopped, d(adapted)/d(params) = I, so the
     # meta-gradient is grad L_Q at the adapted parameters, averaged over tasks.
@@ -123,7 +123,7 @@ def test_first_order_gradient_is_query_gradient_at_adapted_params(float64, kind)
 
     # ... and it differs from the second-order gradient, so the switch does something.
     cfg.algo.name = "maml"
-    second = make_algorithm(cfg.algo, problem).meta_grad(params, tasks, jax.random.PRNGKey(2))[0]
+    second = make_algorithm(cfg.algo, problem).meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)[0]
     assert float(jnp.max(jnp.abs(_flat(second) - expected))) > 1e-6
 
 

@@ -20,8 +20,8 @@ from metalearn.algos.mamlpp import msl_weights
 from metalearn.config import validate
 from metalearn.errors import ConfigError
 from metalearn.models import make_model
+from metalearn.step import init_state, make_meta_step, setup
 from metalearn.tasks import image_source
-from metalearn.train import init_state, make_meta_step, setup
 
 OFF = {"multi_step_loss": False, "lslr": False, "per_step_bn": False, "first_order_steps": 0}
 
@@ -64,16 +64,16 @@ def test_every_switch_off_is_maml(float64):
     params = meta["params"]
     assert jax.tree.structure(params) == jax.tree.structure(maml.init(jax.random.PRNGKey(0)))
     tasks = _tasks(problem)
-    expected, expected_metrics = maml.meta_grad(params, tasks, jax.random.PRNGKey(2))
+    expected, _, expected_metrics = maml.meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)
     for step in (0, 10_000):  # nothing depends on the meta-step with every switch off
-        grads, _, metrics = plus.step_grad(meta, (), tasks, jax.random.PRNGKey(2), jnp.int32(step))
+        grads, _, metrics = plus.meta_grad(meta, (), tasks, jax.random.PRNGKey(2), jnp.int32(step))
         np.testing.assert_allclose(_flat(grads["params"]), _flat(expected), rtol=1e-12, atol=1e-15)
         assert float(metrics["loss"]) == pytest.approx(float(expected_metrics["loss"]), rel=1e-12)
         assert float(metrics["accuracy"]) == float(expected_metrics["accuracy"])
     task = jax.tree.map(lambda a: a[0], tasks)
     np.testing.assert_allclose(
-        _flat(plus.adapt(meta, task.support_x, task.support_y, None, 4)),
-        _flat(maml.adapt(params, task.support_x, task.support_y, None, 4)),
+        _flat(plus.adapt(meta, (), task.support_x, task.support_y, None, 4)),
+        _flat(maml.adapt(params, (), task.support_x, task.support_y, None, 4)),
         rtol=1e-12,
     )
 
@@ -151,7 +151,7 @@ def test_multi_step_loss_is_the_weighted_sum_of_per_step_query_losses(float64):
             / 3
         )
 
-    grads, _, metrics = algo.step_grad(meta, (), tasks, jax.random.PRNGKey(2), jnp.int32(step))
+    grads, _, metrics = algo.meta_grad(meta, (), tasks, jax.random.PRNGKey(2), jnp.int32(step))
     assert float(metrics["loss"]) == pytest.approx(float(reference(meta)), rel=1e-12)
     np.testing.assert_allclose(_flat(grads), _flat(jax.jit(jax.grad(reference))(meta)), rtol=1e-9, atol=1e-13)
     # During the MSL period the objective is not the last step's loss alone.
@@ -180,7 +180,7 @@ def test_lslr_rates_and_per_step_batchnorm_get_nonzero_meta_gradients(float64):
     assert set(lrs) == set(flat) - set(bn_keys)
     assert all(np.allclose(v, 0.05) and v.shape == (n_steps,) for v in lrs.values())
 
-    grads, _, _ = algo.step_grad(meta, (), _tasks(problem), jax.random.PRNGKey(2), jnp.int32(0))
+    grads, _, _ = algo.meta_grad(meta, (), _tasks(problem), jax.random.PRNGKey(2), jnp.int32(0))
     for k, g in traverse_util.flatten_dict(grads["lrs"]).items():
         assert np.all(np.abs(np.asarray(g)) > 0), (k, g)  # every layer, every step
     gp = traverse_util.flatten_dict(grads["params"])
@@ -211,7 +211,7 @@ def test_adapt_uses_the_learned_rates_and_the_last_steps_batchnorm(float64):
         )
         fast = {k: fast[k] - lrs[k][i] * g[k] for k in fast}
     want = traverse_util.unflatten_dict({**fast, **{k: v[1] for k, v in flat.items() if _is_bn(k)}})
-    got = algo.adapt(meta, task.support_x, task.support_y, None, 3)
+    got = algo.adapt(meta, (), task.support_x, task.support_y, None, 3)
     np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(
         algo.predict(meta, got, task.query_x), problem.model.apply(want, task.query_x), rtol=1e-12
@@ -226,15 +226,15 @@ def test_derivative_order_annealing_first_then_second_order_in_one_compilation(f
     meta = _f64(algo.init(jax.random.PRNGKey(0)))
     tasks = _tasks(problem)
     key = jax.random.PRNGKey(2)
-    fomaml = make_algorithm(_cfg(name="fomaml").algo, problem).meta_grad(meta["params"], tasks, key)[0]
-    maml = make_algorithm(_cfg(name="maml").algo, problem).meta_grad(meta["params"], tasks, key)[0]
+    fomaml = make_algorithm(_cfg(name="fomaml").algo, problem).meta_grad(meta["params"], (), tasks, key, 0)[0]
+    maml = make_algorithm(_cfg(name="maml").algo, problem).meta_grad(meta["params"], (), tasks, key, 0)[0]
     assert float(jnp.max(jnp.abs(_flat(fomaml) - _flat(maml)))) > 1e-6
 
     traces = []
 
     def grad_at(m, step):
         traces.append(step)  # runs only while tracing
-        return algo.step_grad(m, (), tasks, key, step)[0]
+        return algo.meta_grad(m, (), tasks, key, step)[0]
 
     jitted = jax.jit(grad_at)
     for step in range(5):

@@ -36,7 +36,8 @@ _WORKER = textwrap.dedent(
 
     import jax, numpy as np
     from conftest import make_cfg
-    from metalearn.train import init_state, make_meta_step, replicate, sample_tasks, setup, task_mesh, train
+    from metalearn.step import init_state, make_meta_step, replicate, sample_tasks, setup, task_mesh
+    from metalearn.train import train
 
     out_path, run_dir = sys.argv[1], sys.argv[2]
     mesh = task_mesh()
@@ -333,7 +334,8 @@ _PREEMPT_WORKER = textwrap.dedent(
 
     maybe_initialize("auto")
     from conftest import make_cfg
-    from metalearn.train import Preempted, train
+    from metalearn.loop_control import Preempted
+    from metalearn.train import train
 
     cfg = make_cfg(
         model={"hidden": [8, 8]},

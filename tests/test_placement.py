@@ -14,16 +14,10 @@ from conftest import make_cfg, synthetic_image_arrays
 
 from metalearn.data.common import ClassImages
 from metalearn.errors import ConfigError
+from metalearn.evaluation import make_evaluator
+from metalearn.prefetch import HostPrefetcher
+from metalearn.step import init_state, make_meta_step, setup, step_task_keys, task_mesh
 from metalearn.tasks import choose_placement, image_source, ragged_indices
-from metalearn.train import (
-    HostPrefetcher,
-    init_state,
-    make_evaluator,
-    make_meta_step,
-    setup,
-    step_task_keys,
-    task_mesh,
-)
 
 
 def _cfg():

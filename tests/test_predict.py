@@ -27,8 +27,9 @@ from metalearn.evaluate import evaluate
 from metalearn.predict import run_predict
 from metalearn.preprocess import RECORD_NAME, border_brightness, fit_images, read_image_files
 from metalearn.run_config import resolve
+from metalearn.step import init_state, setup
 from metalearn.tasks import TaskSource
-from metalearn.train import init_state, setup, train
+from metalearn.train import train
 
 PNG_SIZE = 24  # files are resized to the run's 16x16
 SIZE = 16
@@ -140,7 +141,7 @@ def test_predict_rows_accuracy_and_same_as_library(folder_run, tmp_path):
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"] and saved["inner_steps_test"] == 2
 
-    # The same through the library directly: PIL decoding, adapt_with, predict.
+    # The same through the library directly: PIL decoding, adapt, predict.
     def load(files):
         return (
             np.stack(
@@ -161,7 +162,7 @@ def test_predict_rows_accuracy_and_same_as_library(folder_run, tmp_path):
     exp = setup(cfg, source)
     state = load_checkpoint(folder_run, init_state(exp, cfg.seed))
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)
-    adapted = exp.algo.adapt_with(state.params, state.algo_state, sx, sy, key, 2)
+    adapted = exp.algo.adapt(state.params, state.algo_state, sx, sy, key, 2)
     logits = np.asarray(exp.algo.predict(state.params, adapted, qx), np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -363,7 +364,7 @@ def test_runs_without_a_record_get_one_derived(tmp_path):
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "anil", "caml", "reptile", "adml"])
 def test_every_adapting_algorithm_predicts(algo):
     """predict's adapt-then-predict path for each algorithm (a sinusoid MLP at initialisation),
-    against adapt_with and predict called directly."""
+    against adapt and predict called directly."""
     from metalearn.predict import _problem, adapt_and_predict
 
     cfg = make_cfg(algo={"name": algo, "inner_steps_test": 2}, model={"hidden": [8]})
@@ -374,13 +375,11 @@ def test_every_adapting_algorithm_predicts(algo):
     sy, qx = np.sin(sx), np.linspace(-4, 4, 7, dtype=np.float32)[:, None]
     got = adapt_and_predict(exp, state, sx, sy, qx, 2, seed=0)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-    adapted = exp.algo.adapt_with(state.params, state.algo_state, sx, sy, key, 2)
+    adapted = exp.algo.adapt(state.params, state.algo_state, sx, sy, key, 2)
     want = np.asarray(exp.algo.predict(state.params, adapted, qx))
     assert got.shape == (7, 1) and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     unadapted = np.asarray(
-        exp.algo.predict(
-            state.params, exp.algo.adapt_with(state.params, state.algo_state, sx, sy, key, 0), qx
-        )
+        exp.algo.predict(state.params, exp.algo.adapt(state.params, state.algo_state, sx, sy, key, 0), qx)
     )
     assert not np.allclose(got, unadapted)  # the support set was used

@@ -51,7 +51,7 @@ def _jitted(algo):
     """adapt (steps static), predict and meta_grad compiled once each (eager dispatch of
     every small op is slow on a busy CPU)."""
     return (
-        jax.jit(algo.adapt, static_argnums=4),
+        jax.jit(algo.adapt, static_argnums=5),
         jax.jit(algo.predict),
         jax.jit(algo.meta_grad),
     )
@@ -92,7 +92,7 @@ def test_protonet_logits_equal_hand_written_distances(float64):
     )
 
     adapt, predict, meta_grad = _jitted(algo)
-    adapted = adapt(params, task.support_x, task.support_y, jax.random.PRNGKey(1), 0)
+    adapted = adapt(params, (), task.support_x, task.support_y, jax.random.PRNGKey(1), 0)
     logits = np.asarray(predict(params, adapted, task.query_x))
     # One column per support example (6 = 3 ways x 2 shots): the 3 classes, then masked ones.
     assert logits.shape == (zq.shape[0], len(ys))
@@ -101,7 +101,7 @@ def test_protonet_logits_equal_hand_written_distances(float64):
 
     # The training loss is the query cross-entropy of those logits.
     tasks = jax.tree.map(lambda v: v[None], task)
-    _, metrics = meta_grad(params, tasks, jax.random.PRNGKey(1))
+    _, _, metrics = meta_grad(params, (), tasks, jax.random.PRNGKey(1), 0)
     log_p = expected - np.log(np.exp(expected).sum(axis=1, keepdims=True))
     yq = np.asarray(task.query_y)
     np.testing.assert_allclose(metrics["loss"], -np.mean(log_p[np.arange(len(yq)), yq]), rtol=1e-10)
@@ -118,8 +118,8 @@ def test_protomaml_initial_head_reproduces_protonet_exactly(float64):
     key = jax.random.PRNGKey(1)
     for seed in range(3):
         task = _task(problem, seed)
-        net = net_predict(params, net_adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
-        head0 = pm_adapt(params, task.support_x, task.support_y, key, 0)
+        net = net_predict(params, net_adapt(params, (), task.support_x, task.support_y, key, 0), task.query_x)
+        head0 = pm_adapt(params, (), task.support_x, task.support_y, key, 0)
         pm = pm_predict(params, head0, task.query_x)
         np.testing.assert_array_equal(np.argmax(pm, -1), np.argmax(net, -1))
         np.testing.assert_allclose(jax.nn.softmax(pm), jax.nn.softmax(net), rtol=1e-10, atol=1e-14)
@@ -132,7 +132,7 @@ def test_protomaml_initial_head_reproduces_protonet_exactly(float64):
             rtol=1e-10,
         )
         # One inner step moves away from ProtoNet (the fine-tuning does something).
-        head1 = pm_adapt(params, task.support_x, task.support_y, key, 1)
+        head1 = pm_adapt(params, (), task.support_x, task.support_y, key, 1)
         assert not np.allclose(jax.nn.softmax(pm_predict(params, head1, task.query_x)), jax.nn.softmax(net))
 
 
@@ -142,7 +142,7 @@ def test_protomaml_first_order_meta_gradient_reaches_the_embedding_through_the_p
     algo = make_algorithm(cfg.algo, problem)
     params = _to64(algo.init(jax.random.PRNGKey(0)))
     tasks = jax.tree.map(lambda v: v[None], _task(problem))
-    grads, _ = jax.jit(algo.meta_grad)(params, tasks, jax.random.PRNGKey(1))
+    grads, _, _ = jax.jit(algo.meta_grad)(params, (), tasks, jax.random.PRNGKey(1), 0)
     # Against central differences of the first-order objective along a random direction:
     # inner gradients are constants, the head's initial value is not.
     flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -209,12 +209,13 @@ def test_regression_dataset_is_a_one_line_error(tmp_path):
 
 
 def test_reproduce_suites_skip_mini_imagenet_without_its_files(tmp_path):
-    from metalearn.reproduce import SUITES, plan
+    from metalearn.reproduce import load_suites, plan
 
-    jobs, notes = plan(SUITES["protonet"], (0,), tmp_path, "/data/omni", None, [])
+    suites = load_suites()
+    jobs, notes = plan(suites["protonet"], (0,), tmp_path, "/data/omni", None, [])
     assert [e for e, _, _ in jobs] == ["protonet_omniglot_5w1s", "protonet_omniglot_20w1s"]
     assert len(notes) == 2 and all("--mini-imagenet-dir" in n for n in notes)
-    jobs, notes = plan(SUITES["imaml"], (0,), tmp_path, None, None, [], "/data/mini")
+    jobs, notes = plan(suites["imaml"], (0,), tmp_path, None, None, [], "/data/mini")
     assert [e for e, _, _ in jobs] == ["imaml_miniimagenet_5w1s"] and "dataset.manual_dir=/data/mini" in jobs[
         0
     ][2]
@@ -222,7 +223,7 @@ def test_reproduce_suites_skip_mini_imagenet_without_its_files(tmp_path):
 
 def test_result_lines_name_no_inner_steps_for_protonet(tmp_path):
     from metalearn.algos import adaptation_phrase
-    from metalearn.train import final_line
+    from metalearn.evaluation import final_line
 
     results = {"test": {"metric": "accuracy", "mean": 0.9, "ci95": 0.01, "n_tasks": 10}}
     line = final_line(results, make_cfg(algo={"name": "protonet"}), tmp_path)

@@ -37,8 +37,8 @@ def test_remat_gives_the_same_meta_gradient_with_less_temporary_memory():
     grads = {}
     for remat in (False, True):
         meta_grad, params, tasks, key = _meta_grad_fn(remat)
-        compiled[remat] = jax.jit(meta_grad).lower(params, tasks, key).compile()
-        grads[remat], metrics = compiled[remat](params, tasks, key)
+        compiled[remat] = jax.jit(meta_grad).lower(params, (), tasks, key, 0).compile()
+        grads[remat], _, metrics = compiled[remat](params, (), tasks, key, 0)
         assert np.isfinite(float(metrics["loss"]))
     np.testing.assert_allclose(_flat(grads[True]), _flat(grads[False]), rtol=1e-5, atol=1e-7)
     assert np.abs(_flat(grads[False])).max() > 0

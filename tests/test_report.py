@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, SWEEP_ALGOS, run_cli, run_cli_in_process
 
 from metalearn.report import _pooled, aggregate, config_label, find_runs, sort_rows, write_report
-from metalearn.reproduce import SUITES, plan
+from metalearn.reproduce import SuiteError, load_suite, load_suites, plan
 
 
 def test_sweep_then_report_one_row_per_configuration(tiny_sweep, tmp_path):
@@ -98,7 +98,7 @@ def test_report_marks_eval_dirs_and_writes_files(tmp_path):
 
 
 def test_reproduce_plan_skips_omniglot_without_archives(tmp_path):
-    suite = SUITES["smoke"]
+    suite = load_suites()["smoke"]
     jobs, notes = plan(suite, (0, 1), tmp_path, None, None, ["trainer.steps=3"])
     assert {e for e, _, _ in jobs} == {"maml_sinusoid_k5"} and len(jobs) == 2
     assert notes and "maml_omniglot_5w1s" in notes[0] and "--manual-dir" in notes[0]
@@ -110,8 +110,38 @@ def test_reproduce_plan_skips_omniglot_without_archives(tmp_path):
     assert len(jobs) == 2 and not notes
     assert "dataset.manual_dir=/data/omni" in jobs[1][2]
     presets = {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
-    for name, s in SUITES.items():
+    for name, s in load_suites().items():
         assert set(s.experiments) <= presets, name
+
+
+def test_reproduce_suites_are_the_yaml_files_of_conf_suite(tmp_path):
+    suites = load_suites()
+    assert set(suites) == {p.stem for p in (REPO / "conf" / "suite").glob("*.yaml")}
+    # Listed in the files' order: smoke first, as before the suites moved out of Python.
+    assert list(suites)[:3] == ["smoke", "maml_sinusoid", "maml_omniglot"]
+    smoke = suites["smoke"]
+    assert smoke.seeds == (0, 1) and smoke.overrides == ("trainer.checkpoint_every=0", "eval.n_tasks=100")
+    assert smoke.per_experiment["maml_omniglot_5w1s"][0] == "dataset.variant=small"
+    assert suites["maml_omniglot"].seeds == (0, 1, 2)  # the default
+    # A new file is a new suite; a wrong key is named with its file.
+    (tmp_path / "mine.yaml").write_text("experiments: [maml_sinusoid_k5]\nseeds: [4]\n")
+    assert load_suites(tmp_path)["mine"].seeds == (4,)
+    (tmp_path / "bad.yaml").write_text("experiments: [maml_sinusoid_k5]\nseed: [4]\n")
+    with pytest.raises(SuiteError, match="bad.yaml: unknown key 'seed'"):
+        load_suite(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("experiments: [a]\nper_experiment: {b: [x=1]}\n")
+    with pytest.raises(SuiteError, match="per_experiment.b"):
+        load_suite(tmp_path / "bad.yaml")
+
+
+def test_reproduce_unknown_suite_is_one_line_exit_2():
+    code, _, err = run_cli_in_process("reproduce", "nosuch")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "unknown suite 'nosuch'" in lines[0] and "smoke" in lines[0], err
+    code, help_text, _ = run_cli_in_process("reproduce", "--help")
+    assert code == 0
+    assert "{fomaml_omniglot,imaml," in help_text and "suites: smoke (maml_sinusoid_k5" in help_text
 
 
 def test_reproduce_runs_a_suite_end_to_end(tmp_path):

@@ -20,10 +20,12 @@ from metalearn.algos.reptile import minibatch_indices, split_examples
 from metalearn.checkpoint import CHECKPOINT_DIR, checkpoint_steps
 from metalearn.config import validate
 from metalearn.errors import ConfigError
+from metalearn.evaluation import make_evaluator
 from metalearn.models import make_model
 from metalearn.optim import make_optimizer
+from metalearn.step import Experiment
 from metalearn.tasks import Task, image_source, sinusoid_source
-from metalearn.train import Experiment, make_evaluator, train
+from metalearn.train import train
 
 
 def _to64(tree):
@@ -66,12 +68,12 @@ def test_carried_inner_adam_matches_a_sequential_hand_loop_over_two_meta_steps_a
     algo = make_algorithm(cfg.algo, problem)
     optimizer = make_optimizer(cfg.optim, total)
     params = _to64(algo.init(jax.random.PRNGKey(0)))
-    state = _to64(algo.initial_state(params))
+    state = _to64(algo.init_state(params))
     opt_state = optimizer.init(params)
 
     grad_fn = jax.jit(jax.grad(lambda q, x, y: jnp.sum(jnp.square(problem.model.apply(q, x) - y))))
     apply = jax.jit(problem.model.apply)
-    step_grad = jax.jit(algo.step_grad)
+    meta_grad = jax.jit(algo.meta_grad)
 
     def sum_loss_grad(p, x, y):
         return _np(grad_fn(p, x, y))
@@ -105,7 +107,7 @@ def test_carried_inner_adam_matches_a_sequential_hand_loop_over_two_meta_steps_a
         mean_w = jax.tree.map(lambda *ws: sum(ws) / n_tasks, *adapted)
         hand_p = jax.tree.map(lambda w, m, e=eps_outer: w + e * (m - w), hand_p, mean_w)
 
-        grads, state, metrics = step_grad(params, state, tasks, key, jnp.asarray(meta_step))
+        grads, state, metrics = meta_grad(params, state, tasks, key, jnp.asarray(meta_step))
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         np.testing.assert_allclose(float(metrics["loss"]), np.mean(held_losses), rtol=1e-9)
@@ -120,8 +122,8 @@ def test_carried_inner_adam_matches_a_sequential_hand_loop_over_two_meta_steps_a
     # 5 support points), leaving it unchanged.
     t = jax.tree.map(lambda a: np.asarray(a[0]), tasks)
     eval_key, eval_steps = jax.random.PRNGKey(5), 6
-    adapt_with = jax.jit(algo.adapt_with, static_argnums=5)
-    adapted = adapt_with(params, state, t.support_x, t.support_y, eval_key, eval_steps)
+    adapt = jax.jit(algo.adapt, static_argnums=5)
+    adapted = adapt(params, state, t.support_x, t.support_y, eval_key, eval_steps)
     idx = np.asarray(minibatch_indices(eval_key, 5, 2, eval_steps))
     p, v = hand_p, hand_v
     for s in range(eval_steps):
@@ -130,7 +132,7 @@ def test_carried_inner_adam_matches_a_sequential_hand_loop_over_two_meta_steps_a
     for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(p), strict=True):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-12)
     # The carried state matters: a fresh state adapts differently.
-    fresh = adapt_with(params, algo.initial_state(params), t.support_x, t.support_y, eval_key, eval_steps)
+    fresh = adapt(params, algo.init_state(params), t.support_x, t.support_y, eval_key, eval_steps)
     diff = max(
         float(jnp.max(jnp.abs(a - b)))
         for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(adapted), strict=True)
@@ -149,15 +151,15 @@ def test_reset_switch_starts_every_task_from_a_fresh_state(float64):
     carry, reset = (make_algorithm(cfgs[s].algo, problem) for s in ("carry", "reset"))
     params = _to64(carry.init(jax.random.PRNGKey(0)))
     key = jax.random.PRNGKey(2)
-    assert reset.initial_state(params) == ()
-    g_reset, s_reset, _ = jax.jit(reset.step_grad)(params, (), tasks, key, 0)
+    assert reset.init_state(params) == ()
+    g_reset, s_reset, _ = jax.jit(reset.meta_grad)(params, (), tasks, key, 0)
     assert s_reset == ()
-    carry_grad = jax.jit(carry.step_grad)
-    g_carry, s_carry, _ = carry_grad(params, carry.initial_state(params), tasks, key, 0)
+    carry_grad = jax.jit(carry.meta_grad)
+    g_carry, s_carry, _ = carry_grad(params, carry.init_state(params), tasks, key, 0)
 
     def alone(i):  # task i by itself, from a fresh state
         task = jax.tree.map(lambda a: a[i : i + 1], tasks)
-        return carry_grad(params, carry.initial_state(params), task, key, 0)[0]
+        return carry_grad(params, carry.init_state(params), task, key, 0)[0]
 
     mean_alone = jax.tree.map(lambda *g: sum(g) / 3, *(alone(i) for i in range(3)))
     for a, b in zip(jax.tree.leaves(g_reset), jax.tree.leaves(mean_alone), strict=True):
@@ -205,17 +207,17 @@ def test_training_metric_is_scored_on_held_out_examples_only():
     source = sinusoid_source(cfg.dataset)  # 10 support + 10 query points: 12 train, 8 held out
     problem = Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
     algo = make_algorithm(cfg.algo, problem)
-    step_grad = jax.jit(algo.step_grad)
+    meta_grad = jax.jit(algo.meta_grad)
     params = algo.init(jax.random.PRNGKey(0))
     tasks = jax.vmap(source.sample, in_axes=(None, 0))({}, jax.random.split(jax.random.PRNGKey(1), 2))
-    g1, _, m1 = step_grad(params, algo.initial_state(params), tasks, jax.random.PRNGKey(2), 0)
+    g1, _, m1 = meta_grad(params, algo.init_state(params), tasks, jax.random.PRNGKey(2), 0)
     tasks2 = tasks._replace(query_y=tasks.query_y.at[:, -1].add(3.0))  # the last query: held out
-    g2, _, m2 = step_grad(params, algo.initial_state(params), tasks2, jax.random.PRNGKey(2), 0)
+    g2, _, m2 = meta_grad(params, algo.init_state(params), tasks2, jax.random.PRNGKey(2), 0)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(m1["loss"]) != float(m2["loss"])
     tasks3 = tasks._replace(query_y=tasks.query_y.at[:, 1].add(3.0))  # a training example
-    g3, _, _ = step_grad(params, algo.initial_state(params), tasks3, jax.random.PRNGKey(2), 0)
+    g3, _, _ = meta_grad(params, algo.init_state(params), tasks3, jax.random.PRNGKey(2), 0)
     assert not np.array_equal(np.asarray(g1["head"]["bias"]), np.asarray(g3["head"]["bias"]))
 
 

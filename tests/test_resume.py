@@ -218,7 +218,7 @@ def test_legacy_msgpack_checkpoint_still_loads(tmp_path):
     from flax import serialization
 
     from metalearn.checkpoint import LEGACY_NAME, load_checkpoint
-    from metalearn.train import init_state, setup
+    from metalearn.step import init_state, setup
 
     exp = setup(make_cfg(model={"hidden": [8]}))
     state = init_state(exp, 0)._replace(step=np.int32(42))

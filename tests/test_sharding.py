@@ -21,10 +21,10 @@ _SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from conftest import make_cfg, synthetic_image_arrays
     from metalearn.errors import ConfigError
-    from metalearn.tasks import image_source
-    from metalearn.train import (
+    from metalearn.step import (
         check_meta_batch, init_state, make_meta_step, replicate, sample_tasks, setup, task_mesh,
     )
+    from metalearn.tasks import image_source
 
     assert jax.device_count() == 4, jax.devices()
     mesh4, mesh1 = task_mesh(), task_mesh(jax.devices()[:1])
@@ -79,7 +79,7 @@ _SCRIPT = textwrap.dedent(
 
     # Host placement over 4 devices: each device receives its quarter of the gathered
     # episodes, and training follows the on-device sampler's numbers.
-    from metalearn.train import HostPrefetcher
+    from metalearn.prefetch import HostPrefetcher
 
     host_src = image_source(
         image.dataset, synthetic_image_arrays(n_classes=6, per_class=5, size=8), placement="host"

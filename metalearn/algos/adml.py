@@ -49,7 +49,7 @@ from typing import Any
 import jax
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, loss_reductions
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, loss_reductions, stateless_learner
 from metalearn.algos.maml import MAMLConfig, make_maml
 from metalearn.attacks import make_attack
 from metalearn.config import finite, need, one_of, schema
@@ -97,7 +97,9 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
     # The inner loop and prediction are MAML's; ADML differs only in its outer loss.
     maml = make_maml(cfg, problem)
     losses = loss_reductions(cfg, source)
-    adapt, predict = maml.adapt, maml.predict
+
+    def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
+        return maml.adapt(params, (), support_x, support_y, key, steps)
 
     def adversarial(params: Any, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
         # The examples are constants for the meta-gradient; stopping the parameters here
@@ -119,9 +121,9 @@ def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
         metric = source.metric(model.apply(theta_c, task.query_x), task.query_y)
         return loss, metric
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,
-        predict=predict,
+        predict=maml.predict,
     )

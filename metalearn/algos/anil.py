@@ -32,6 +32,7 @@ from metalearn.algos.base import (
     gradient_of_mean,
     inner_sgd,
     loss_reductions,
+    stateless_learner,
 )
 from metalearn.config import schema
 from metalearn.tasks import Task
@@ -86,7 +87,7 @@ def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
         loss = losses.query(source.loss(pred, task.query_y), task.query_x, task.support_x)
         return loss, source.metric(pred, task.query_y)
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

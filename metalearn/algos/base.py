@@ -81,59 +81,64 @@ class Problem(NamedTuple):
         return self.source.loss(self.model.apply(params, x), y)
 
 
-def _no_state(meta_params: PyTree) -> PyTree:
+def no_state(meta_params: PyTree) -> PyTree:
+    """``init_state`` of an algorithm that carries nothing between meta-steps: ``()``."""
     del meta_params
     return ()
 
 
 class MetaLearner(NamedTuple):
-    """A meta-learning algorithm as pure functions.
+    """A meta-learning algorithm as pure functions: the contract a new algorithm implements.
+
+    As optax passes an optimizer's state, the trainer passes the algorithm's state
+    explicitly, to every algorithm, whether it has one or not:
 
     init(key) -> meta_params: everything the outer optimizer trains.
-    meta_grad(meta_params, tasks, key) -> (grads like meta_params, metrics): the outer
-        (pseudo-)gradient for a batch of tasks (leading axis T); metrics are scalars and
-        include ``loss`` and the task metric (``accuracy`` or ``mse``) on the query sets.
-    adapt(meta_params, support_x, support_y, key, steps) -> adapted: the task-specific state
-        after ``steps`` inner steps (``steps`` is a Python int).
-    predict(meta_params, adapted, x) -> predictions for x: (N, *input).
-
-    Optional, for algorithms whose meta-step needs more than the meta-parameters:
     init_state(meta_params) -> algo_state: state carried from meta-step to meta-step and
         into evaluation, but not trained by the outer optimizer (Reptile's inner Adam
-        moments). It is checkpointed with the parameters. Default: ``()``.
-    meta_grad_stateful(meta_params, algo_state, tasks, key, step) -> (grads, algo_state,
-        metrics): used instead of ``meta_grad`` when given; ``step`` is the number of
-        meta-steps completed (int32 scalar, traced), for objectives that change during
-        training (MAML++'s loss weights and derivative order).
-    adapt_stateful(meta_params, algo_state, support_x, support_y, key, steps) -> adapted:
-        used instead of ``adapt`` when given.
+        moments); checkpointed with the parameters. ``()`` for an algorithm without one
+        (:func:`no_state`).
+    meta_grad(meta_params, algo_state, tasks, key, step) -> (grads like meta_params,
+        algo_state, metrics): the outer (pseudo-)gradient for a batch of tasks (leading
+        axis T) and the state for the next meta-step; metrics are scalars and include
+        ``loss`` and the task metric (``accuracy`` or ``mse``) on the query sets. ``step``
+        is the number of meta-steps completed (int32 scalar, traced), for objectives that
+        change during training (MAML++'s loss weights and derivative order).
+    adapt(meta_params, algo_state, support_x, support_y, key, steps) -> adapted: the
+        task-specific state after ``steps`` inner steps on one task's support set
+        (``steps`` is a Python int); ``algo_state`` is read, never changed.
+    predict(meta_params, adapted, x) -> predictions for x: (N, *input).
 
-    The trainer, evaluator and ``predict`` call only :meth:`initial_state`,
-    :meth:`step_grad` and :meth:`adapt_with`, which fall back to the stateless functions.
+    An algorithm without carried state writes meta_grad(meta_params, tasks, key) ->
+    (grads, metrics) and adapt(meta_params, support_x, support_y, key, steps) and lifts
+    them with :func:`stateless_learner`.
     """
 
     init: Callable[[jax.Array], PyTree]
-    meta_grad: Callable[[PyTree, Task, jax.Array], tuple[PyTree, Metrics]]
-    adapt: Callable[[PyTree, jax.Array, jax.Array, jax.Array, int], PyTree]
+    init_state: Callable[[PyTree], PyTree]
+    meta_grad: Callable[[PyTree, PyTree, Task, jax.Array, jax.Array], tuple[PyTree, PyTree, Metrics]]
+    adapt: Callable[[PyTree, PyTree, jax.Array, jax.Array, jax.Array, int], PyTree]
     predict: Callable[[PyTree, PyTree, jax.Array], jax.Array]
-    init_state: Callable[[PyTree], PyTree] = _no_state
-    meta_grad_stateful: Callable[..., tuple[PyTree, PyTree, Metrics]] | None = None
-    adapt_stateful: Callable[..., PyTree] | None = None
 
-    def initial_state(self, meta_params: PyTree) -> PyTree:
-        return self.init_state(meta_params)
 
-    def step_grad(
-        self, meta_params: PyTree, algo_state: PyTree, tasks: Task, key: jax.Array, step: jax.Array
+def stateless_learner(
+    init: Callable[[jax.Array], PyTree],
+    meta_grad: Callable[[PyTree, Task, jax.Array], tuple[PyTree, Metrics]],
+    adapt: Callable[[PyTree, jax.Array, jax.Array, jax.Array, int], PyTree],
+    predict: Callable[[PyTree, PyTree, jax.Array], jax.Array],
+) -> MetaLearner:
+    """The :class:`MetaLearner` of an algorithm that carries no state between meta-steps
+    and whose objective does not depend on the meta-step: its ``algo_state`` is ``()``,
+    passed through ``meta_grad`` unchanged and ignored by ``adapt``; ``step`` is unused."""
+
+    def meta_grad_with_state(
+        meta_params: PyTree, algo_state: PyTree, tasks: Task, key: jax.Array, step: jax.Array
     ) -> tuple[PyTree, PyTree, Metrics]:
-        """(grads, new algo_state, metrics) of the meta-step from ``step`` completed steps."""
-        if self.meta_grad_stateful is not None:
-            return self.meta_grad_stateful(meta_params, algo_state, tasks, key, step)
-        grads, metrics = self.meta_grad(meta_params, tasks, key)
+        del step
+        grads, metrics = meta_grad(meta_params, tasks, key)
         return grads, algo_state, metrics
 
-    def adapt_with(
-        self,
+    def adapt_with_state(
         meta_params: PyTree,
         algo_state: PyTree,
         support_x: jax.Array,
@@ -141,10 +146,16 @@ class MetaLearner(NamedTuple):
         key: jax.Array,
         steps: int,
     ) -> PyTree:
-        """Adapt to one task, from the carried ``algo_state`` where the algorithm has one."""
-        if self.adapt_stateful is not None:
-            return self.adapt_stateful(meta_params, algo_state, support_x, support_y, key, steps)
-        return self.adapt(meta_params, support_x, support_y, key, steps)
+        del algo_state
+        return adapt(meta_params, support_x, support_y, key, steps)
+
+    return MetaLearner(
+        init=init,
+        init_state=no_state,
+        meta_grad=meta_grad_with_state,
+        adapt=adapt_with_state,
+        predict=predict,
+    )
 
 
 def inner_sgd(

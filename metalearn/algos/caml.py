@@ -38,6 +38,7 @@ from metalearn.algos.base import (
     gradient_of_mean,
     inner_sgd,
     loss_reductions,
+    stateless_learner,
 )
 from metalearn.config import need, schema
 from metalearn.models import with_context
@@ -87,7 +88,7 @@ def make_caml(cfg: Any, problem: Problem) -> MetaLearner:
     def predict(params: Any, context: jax.Array, x: jax.Array) -> jax.Array:
         return model.apply(params, x, context)
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem
+from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem, stateless_learner
 from metalearn.config import finite, need, one_of, schema
 from metalearn.tasks import Task
 
@@ -185,4 +185,4 @@ def make_imaml(cfg: Any, problem: Problem) -> MetaLearner:
         del params
         return model.apply(adapted, x)
 
-    return MetaLearner(init=model.init, meta_grad=meta_grad, adapt=adapt, predict=predict)
+    return stateless_learner(init=model.init, meta_grad=meta_grad, adapt=adapt, predict=predict)

@@ -33,6 +33,7 @@ from metalearn.algos.base import (
     gradient_of_mean,
     inner_sgd,
     loss_reductions,
+    stateless_learner,
 )
 from metalearn.config import schema
 from metalearn.tasks import Task
@@ -82,7 +83,7 @@ def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
         del params
         return model.apply(adapted, x)
 
-    return MetaLearner(
+    return stateless_learner(
         init=model.init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

@@ -56,7 +56,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
 
-from metalearn.algos.base import DifferentiatedInnerLoopConfig, MetaLearner, Problem, mean_over_tasks
+from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    MetaLearner,
+    Problem,
+    mean_over_tasks,
+    no_state,
+)
 from metalearn.config import need, schema
 from metalearn.tasks import Task
 
@@ -207,7 +213,7 @@ def make_mamlpp(cfg: Any, problem: Problem) -> MetaLearner:
         )(meta)
         return grads, metrics
 
-    def meta_grad_stateful(
+    def meta_grad(
         meta: Any, algo_state: Any, tasks: Task, key: jax.Array, step: jax.Array
     ) -> tuple[Any, Any, dict]:
         if fo_steps > 0:
@@ -220,13 +226,10 @@ def make_mamlpp(cfg: Any, problem: Problem) -> MetaLearner:
             grads, metrics = grad_at(meta, tasks, key, step, bool(cfg.first_order))
         return grads, algo_state, metrics
 
-    def meta_grad(meta: Any, tasks: Task, key: jax.Array) -> tuple[Any, dict]:
-        """The meta-gradient at the start of training (meta-step 0)."""
-        grads, _, metrics = meta_grad_stateful(meta, (), tasks, key, jnp.zeros((), jnp.int32))
-        return grads, metrics
-
-    def adapt(meta: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
-        del key
+    def adapt(
+        meta: Any, algo_state: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int
+    ) -> Any:
+        del algo_state, key
         fast, bn, last, _ = inner_loop(meta, support_x, support_y, steps, bool(cfg.first_order))
         return model_params(fast, bn, last)
 
@@ -234,10 +237,4 @@ def make_mamlpp(cfg: Any, problem: Problem) -> MetaLearner:
         del meta
         return model.apply(adapted, x)
 
-    return MetaLearner(
-        init=init,
-        meta_grad=meta_grad,
-        adapt=adapt,
-        predict=predict,
-        meta_grad_stateful=meta_grad_stateful,
-    )
+    return MetaLearner(init=init, init_state=no_state, meta_grad=meta_grad, adapt=adapt, predict=predict)

@@ -35,6 +35,7 @@ from metalearn.algos.base import (
     gradient_of_mean,
     inner_sgd,
     loss_reductions,
+    stateless_learner,
 )
 from metalearn.algos.maml import MAMLConfig
 from metalearn.config import schema
@@ -80,7 +81,7 @@ def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
         del meta
         return model.apply(adapted, x)
 
-    return MetaLearner(
+    return stateless_learner(
         init=init,
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

@@ -41,6 +41,7 @@ from metalearn.algos.base import (
     Problem,
     gradient_of_mean,
     inner_sgd,
+    stateless_learner,
 )
 from metalearn.algos.protonet import MASKED_LOGIT, embed, embedding_params, prototypes
 from metalearn.config import schema
@@ -90,7 +91,7 @@ def make_protomaml(cfg: Any, problem: Problem) -> MetaLearner:
         pred = logits(adapted, task.query_x)
         return source.loss(pred, task.query_y), source.metric(pred, task.query_y)
 
-    return MetaLearner(
+    return stateless_learner(
         init=lambda key: embedding_params(model, key),
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean
+from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, stateless_learner
 from metalearn.config import ChoiceConfig, schema
 from metalearn.models import Model
 from metalearn.tasks import Task
@@ -118,7 +118,7 @@ def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
         logits = predict(params, adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
         return source.loss(logits, task.query_y), source.metric(logits, task.query_y)
 
-    return MetaLearner(
+    return stateless_learner(
         init=lambda key: embedding_params(model, key),
         meta_grad=gradient_of_mean(task_loss, source.metric_name),
         adapt=adapt,

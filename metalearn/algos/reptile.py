@@ -228,15 +228,12 @@ def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
     def init_state(params: PyTree) -> Any:
         return opt.init(params) if carry else ()
 
-    def adapt_stateful(
+    def adapt(
         params: PyTree, algo_state: Any, x: jax.Array, y: jax.Array, key: jax.Array, steps: int
     ) -> PyTree:
         start = algo_state if carry else opt.init(params)
         adapted, _ = train(params, start, x, y, key, steps, test_batch)
         return adapted
-
-    def adapt(params: PyTree, x: jax.Array, y: jax.Array, key: jax.Array, steps: int) -> PyTree:
-        return adapt_stateful(params, init_state(params), x, y, key, steps)
 
     def examples(task: Task) -> tuple[jax.Array, ...]:
         if train_shots is not None:
@@ -253,7 +250,7 @@ def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
         pred = model.apply(adapted, held_x)
         return adapted, opt_state, source.loss(pred, held_y), source.metric(pred, held_y)
 
-    def meta_grad_stateful(
+    def meta_grad(
         params: PyTree, algo_state: Any, tasks: Task, key: jax.Array, step: jax.Array
     ) -> tuple[PyTree, Any, dict[str, jax.Array]]:
         del step  # the meta step size's decay is the outer optimizer's schedule
@@ -275,22 +272,10 @@ def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
         loss = jnp.mean(losses)
         return grads, algo_state, {"loss": loss, source.metric_name: jnp.mean(metric)}
 
-    def meta_grad(params: PyTree, tasks: Task, key: jax.Array) -> tuple[PyTree, dict[str, jax.Array]]:
-        """From a fresh inner-optimizer state (the trainer uses meta_grad_stateful)."""
-        no_step = jnp.zeros((), jnp.int32)
-        grads, _, metrics = meta_grad_stateful(params, init_state(params), tasks, key, no_step)
-        return grads, metrics
-
     def predict(params: PyTree, adapted: PyTree, x: jax.Array) -> jax.Array:
         del params
         return model.apply(adapted, x)
 
     return MetaLearner(
-        init=model.init,
-        meta_grad=meta_grad,
-        adapt=adapt,
-        predict=predict,
-        init_state=init_state,
-        meta_grad_stateful=meta_grad_stateful,
-        adapt_stateful=adapt_stateful,
+        init=model.init, init_state=init_state, meta_grad=meta_grad, adapt=adapt, predict=predict
     )

@@ -1,0 +1,220 @@
+"""Evaluation on held-out tasks: the compiled evaluator (clean, or under an attack), the
+summaries of validation and of the final test, and results.json's entries. Used by the
+training loop (metalearn/train.py), `metalearn eval` (metalearn/evaluate.py) and tests."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from metalearn.algos import adaptation_phrase, test_steps
+from metalearn.attacks import Attack, attack_from_config, default_step_size
+from metalearn.metrics import format_summary, summarize
+from metalearn.step import Experiment, TrainState, stream_key
+
+PyTree = Any
+
+# Streams derived from the seed for the validation and test tasks (training and
+# initialisation use 0 and 3, metalearn/step.py); fixed, so that `metalearn eval` sees the
+# same test tasks as the end of training.
+VALIDATION_STREAM, TEST_STREAM = 1, 2
+
+
+def make_evaluator(
+    exp: Experiment,
+    n_tasks: int,
+    batch_size: int,
+    inner_steps: int,
+    attack: Attack | None = None,
+    split: str = "test",
+    k_query: int | None = None,
+):
+    """Compile ``(params, data, key, algo_state=()) -> per-task metric (n_tasks,)``.
+
+    ``algo_state`` is the algorithm's carried state (TrainState.algo_state); every task
+    adapts from it, and it is not changed.
+
+    Task i is drawn from fold_in(key, i), so the tasks do not depend on ``batch_size``;
+    ``batch_size`` tasks are adapted in parallel (vmap), chunks run under ``lax.map``.
+
+    ``k_query`` (eval.k_query): score only the first ``k_query`` query examples per class
+    of each sampled task (None: all of them).
+
+    With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
+    same clean adaptation to the same tasks, the query inputs are attacked against the
+    adapted model (loss ``source.loss(predict(params, adapted, x), y)``) and scored again.
+
+    When the source samples on the host, the returned function gathers the tasks of
+    ``split`` on the host chunk by chunk (same tasks, same results) and ignores ``data``.
+    """
+    batch_size = min(batch_size, n_tasks)
+    n_chunks = math.ceil(n_tasks / batch_size)
+    algo, source = exp.algo, exp.source
+
+    ways = source.output_dim if source.kind == "classification" else 1
+
+    def first_queries(q: jax.Array) -> jax.Array:
+        """The first ``k_query`` of each class's queries (class-major)."""
+        return q.reshape((ways, -1) + q.shape[1:])[:, :k_query].reshape((-1,) + q.shape[1:])
+
+    def score(params: PyTree, algo_state: PyTree, task: Any, key: jax.Array) -> PyTree:
+        if k_query is not None:
+            task = task._replace(query_x=first_queries(task.query_x), query_y=first_queries(task.query_y))
+        _, adapt_key = jax.random.split(key)
+        adapted = algo.adapt(params, algo_state, task.support_x, task.support_y, adapt_key, inner_steps)
+        clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+        if attack is None:
+            return clean
+        query_loss = lambda x: source.loss(algo.predict(params, adapted, x), task.query_y)
+        # A key of its own (from the task's key) so the task and adaptation draws are unchanged.
+        query_adv = attack(query_loss, task.query_x, jax.random.fold_in(key, 1))
+        return clean, source.metric(algo.predict(params, adapted, query_adv), task.query_y)
+
+    def task_keys(key: jax.Array) -> jax.Array:
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_chunks * batch_size))
+
+    if source.host is not None:
+        host = source.host
+        score_chunk = jax.jit(
+            lambda params, algo_state, x, keys: jax.vmap(score, (None, None, 0, 0))(
+                params, algo_state, host.to_tasks(x), keys
+            )
+        )
+
+        def evaluate_on_host(params: PyTree, data: PyTree, key: jax.Array, algo_state: PyTree = ()) -> PyTree:
+            del data
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                keys = task_keys(key)
+                sample_keys = jax.vmap(lambda k: jax.random.split(k)[0])(keys)
+            chunks = []
+            for c in range(n_chunks):
+                part = slice(c * batch_size, (c + 1) * batch_size)
+                x = host.gather(split, host.indices(split, sample_keys[part]))
+                chunks.append(score_chunk(params, algo_state, x, keys[part]))
+            values = jax.tree.map(lambda *v: jnp.concatenate(v), *chunks)
+            return jax.tree.map(lambda v: v[:n_tasks], values)
+
+        return evaluate_on_host
+
+    def task_metric(params: PyTree, algo_state: PyTree, data: PyTree, key: jax.Array) -> PyTree:
+        task_key, _ = jax.random.split(key)
+        return score(params, algo_state, source.sample(data, task_key), key)
+
+    def evaluate(params: PyTree, data: PyTree, key: jax.Array, algo_state: PyTree = ()) -> PyTree:
+        keys = task_keys(key)
+        keys = keys.reshape(n_chunks, batch_size, *keys.shape[1:])
+        values = lax.map(
+            lambda ks: jax.vmap(task_metric, (None, None, None, 0))(params, algo_state, data, ks), keys
+        )
+        return jax.tree.map(lambda v: v.reshape(-1)[:n_tasks], values)
+
+    return jax.jit(evaluate)
+
+
+def _split_data(exp: Experiment, split: str) -> PyTree:
+    """The sampler's data for ``split`` (None when episodes are gathered on the host)."""
+    return exp.source.splits[split] if exp.source.host is None else None
+
+
+def evaluate_params(
+    exp: Experiment,
+    params: PyTree,
+    cfg: Any,
+    split: str,
+    n_tasks: int,
+    inner_steps: int,
+    algo_state: PyTree = (),
+    evaluator: Any = None,
+) -> dict[str, Any]:
+    """Adapt to ``n_tasks`` tasks of ``split`` with ``inner_steps`` steps; summary dict.
+
+    ``evaluator``: the result of ``make_evaluator`` for these arguments, to reuse its
+    compilation (training validates with one evaluator); default: a new one."""
+    stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
+    k_query = getattr(cfg.eval, "k_query", None)
+    fn = evaluator or make_evaluator(
+        exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query
+    )
+    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
+    return summarize(values, exp.source.metric_name)
+
+
+def evaluate_final(
+    exp: Experiment,
+    params: PyTree,
+    cfg: Any,
+    split: str,
+    n_tasks: int,
+    inner_steps: int,
+    algo_state: PyTree = (),
+) -> dict[str, Any]:
+    """The final evaluation's results entries: ``test`` (clean summary) and, when
+    ``cfg.attack`` names an attack, ``test_robust`` (same format, on attacked query sets of
+    the same tasks) and ``attack`` (its settings)."""
+    attack_cfg = getattr(cfg, "attack", None)
+    attack = attack_from_config(attack_cfg, exp.source.input_range)
+    if attack is None:
+        return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps, algo_state)}
+    stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
+    k_query = getattr(cfg.eval, "k_query", None)
+    fn = make_evaluator(exp, n_tasks, cfg.eval.batch_size, inner_steps, attack, split=split, k_query=k_query)
+    clean, robust = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state)
+    settings = {"name": attack_cfg.name, "eps": attack_cfg.eps}
+    if attack_cfg.name == "pgd":
+        step_size = attack_cfg.step_size
+        if step_size is None:  # record the step size actually used
+            step_size = default_step_size(attack_cfg.eps, attack_cfg.steps)
+        settings.update(steps=attack_cfg.steps, step_size=step_size, random_start=attack_cfg.random_start)
+    return {
+        "test": summarize(np.asarray(clean), exp.source.metric_name),
+        "test_robust": summarize(np.asarray(robust), exp.source.metric_name),
+        "attack": settings,
+    }
+
+
+def format_final(entries: dict[str, Any], split: str) -> str:
+    """One line: the clean summary and, side by side, the robust one if present."""
+    line = f"{split} {format_summary(entries['test'])}"
+    if "test_robust" in entries:
+        a = entries["attack"]
+        line += f" | under {a['name']} eps={a['eps']:g}: {format_summary(entries['test_robust'])}"
+    return line
+
+
+def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entries: dict) -> dict[str, Any]:
+    """results.json for ``state``: :func:`evaluate_final` on ``cfg.eval.split`` after
+    ``cfg.algo.inner_steps_test`` inner steps, what was evaluated, ``steps``, then the caller's
+    ``entries`` (timings, run folder) and the preset's published number."""
+    final = evaluate_final(
+        exp,
+        state.params,
+        cfg,
+        cfg.eval.split,
+        cfg.eval.n_tasks,
+        test_steps(cfg.algo),
+        state.algo_state,
+    )
+    return {
+        **final,
+        "split": cfg.eval.split,
+        "inner_steps_test": test_steps(cfg.algo),
+        "algo": cfg.algo.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "steps": steps,
+        **entries,
+        # The preset's published number, if any (conf/experiment/), for reports.
+        "paper": dict(cfg.paper) if "paper" in cfg else None,
+    }
+
+
+def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
+    """One line: the final evaluation in ``results`` and where it was written."""
+    steps = adaptation_phrase(cfg.algo.name, test_steps(cfg.algo))
+    return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
