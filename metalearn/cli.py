@@ -78,7 +78,7 @@ def _first_line(err: BaseException) -> str:
 # Set by precheck/_run_guarded (same process as the Hydra jobs): a run dir that did not exist
 # before this command (removed again if its job fails before checkpointing), and the
 # failed/total jobs of a multirun sweep.
-_STATE: dict = {"fresh_run_dir": True, "failed_jobs": [], "jobs": 0}
+_STATE: dict = {"fresh_run_dir": True, "failed_jobs": [], "jobs": 0, "run_choices": []}
 
 
 def _override_key(override: str) -> str:
@@ -132,6 +132,39 @@ def _with_stored_overrides(rest: list[str]) -> list[str]:
     return [o for o in previous if _override_key(o) not in given] + rest
 
 
+def _with_run_choices(rest: list[str]) -> list[str]:
+    """For ``eval`` and ``predict``: the run's algorithm, model and dataset (from its stored
+    config) chosen first, so the command line's ``algo.*``, ``model.*`` and ``dataset.*`` keys
+    compose against the run's own schemas; a ``dataset=`` given now still wins (cross-domain
+    evaluation). The added choices are remembered so that :func:`_user_overrides` can tell
+    them from the user's. A missing or damaged stored config is left to precheck to report."""
+    from omegaconf import OmegaConf
+
+    run_dir = _override_value(rest, "run_dir")
+    stored = Path(run_dir or "") / ".hydra" / "config.yaml"
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(stored))
+        added = [f"{group}={config[group]['name']}" for group in ("algo", "model", "dataset")]
+    except Exception:
+        return rest
+    given = {_override_key(o) for o in rest}
+    added = [o for o in added if _override_key(o) not in given]
+    _STATE["run_choices"] = added
+    return added + rest
+
+
+def _user_overrides(task: list[str]) -> list[str]:
+    """The command line's overrides, without the run's choices :func:`_with_run_choices` added."""
+    added = list(_STATE.get("run_choices", []))
+    out = []
+    for override in task:
+        if override in added:
+            added.remove(override)
+        else:
+            out.append(override)
+    return out
+
+
 def _check_sweep(config_name: str, overrides: list[str]) -> None:
     """Every job of a sweep validated before the first starts (metalearn.sweeps); exit 2 with
     one line listing each refused combination."""
@@ -166,9 +199,18 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
             default_dir = compose(config_name=config_name, overrides=single, return_hydra_config=True)
             default_dir = str(default_dir.hydra.run.dir)
     except Exception as err:  # Hydra/OmegaConf composition errors are multi-line
-        cause = err.__cause__ or err.__context__
-        detail = f" ({_first_line(cause)})" if cause is not None else ""
-        _fail(f"{_first_line(err)}{detail}")
+        from metalearn.config import composition_error
+
+        def chosen(group: str, key: str) -> str | None:
+            """The group's choice, from the config composed without the offending key."""
+            rest = [o for o in single if _override_key(o) != f"{group}.{key}"]
+            try:
+                with initialize_config_dir(config_dir=config_dir(), version_base=None):
+                    return str(compose(config_name=config_name, overrides=rest)[group].name)
+            except Exception:
+                return None
+
+        _fail(composition_error(err, chosen))
         return None
     if config_name in ("eval", "predict"):
         return _precheck_reader(config_name, single, overrides_all, cfg, default_dir, multirun)
@@ -204,7 +246,7 @@ def _precheck_reader(
             )
         if config_name == "predict":
             check_predict_paths(cfg)
-        resolve(cfg.run_dir, overrides, cfg, config_name)
+        resolve(cfg.run_dir, _user_overrides(overrides), cfg, config_name)
     except MetalearnError as err:
         _fail(str(err))
     if target is not None or multirun:  # a sweep's job dirs are Hydra's (hydra.sweep.dir)
@@ -382,7 +424,7 @@ def _eval_command(cfg) -> None:
     from metalearn.run_config import resolve
 
     hc = HydraConfig.get()
-    run = resolve(cfg.run_dir, list(hc.overrides.task), cfg, "eval")
+    run = resolve(cfg.run_dir, _user_overrides(list(hc.overrides.task)), cfg, "eval")
     evaluate(run.cfg, hc.runtime.output_dir, run)
 
 
@@ -393,7 +435,9 @@ def _predict_command(cfg) -> None:
     from metalearn.run_config import resolve
 
     hc = HydraConfig.get()
-    run_predict(resolve(cfg.run_dir, list(hc.overrides.task), cfg, "predict"), hc.runtime.output_dir)
+    run_predict(
+        resolve(cfg.run_dir, _user_overrides(list(hc.overrides.task)), cfg, "predict"), hc.runtime.output_dir
+    )
 
 
 def _hydra_entry(config_name: str, command):
@@ -464,8 +508,7 @@ def _main(argv: list[str] | None) -> None:
 
     register_configs()
     flags = {a.split("=")[0] for a in rest if a.startswith("-")}
-    if command == "train":
-        rest = _with_stored_overrides(rest)
+    rest = _with_stored_overrides(rest) if command == "train" else _with_run_choices(rest)
     if not flags & _HYDRA_INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})
         run_dir = precheck(config_name, [a for a in rest if not a.startswith("-")], multirun)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from metalearn.algos import adaptation_phrase
+from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.metrics import format_summary, summarize
 from metalearn.step import Experiment, TrainState, stream_key
@@ -197,13 +197,13 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
         cfg,
         cfg.eval.split,
         cfg.eval.n_tasks,
-        cfg.algo.inner_steps_test,
+        test_steps(cfg.algo),
         state.algo_state,
     )
     return {
         **final,
         "split": cfg.eval.split,
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        "inner_steps_test": test_steps(cfg.algo),
         "algo": cfg.algo.name,
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
@@ -216,5 +216,5 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
-    steps = adaptation_phrase(cfg.algo.name, cfg.algo.inner_steps_test)
+    steps = adaptation_phrase(cfg.algo.name, test_steps(cfg.algo))
     return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"

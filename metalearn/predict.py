@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.algos import adaptation_phrase
+from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.data.image_folder import IMAGE_EXTENSIONS
 from metalearn.errors import DataError
 from metalearn.metrics import write_json
@@ -261,7 +261,7 @@ def run_predict(run: Any, out_dir: str | Path, say=print) -> dict:
     predictions.csv and summary.json to ``out_dir``; returns the summary."""
     cfg, record = run.cfg, run.record
     out_dir = Path(out_dir)
-    steps = int(cfg.algo.inner_steps_test)
+    steps = test_steps(cfg.algo)
     if run.record_note:
         say(f"metalearn: {run.record_note}", flush=True)
     if record["kind"] == "regression":

@@ -32,20 +32,18 @@ class RunConfig(NamedTuple):
 def _load_stored(run_dir: Path) -> Any:
     from omegaconf import OmegaConf
 
-    from metalearn.config import Config
+    from metalearn.config import from_stored
     from metalearn.rundir import load_run_config
 
     loaded = load_run_config(run_dir)
     try:
-        stored = OmegaConf.merge(OmegaConf.structured(Config), loaded)
+        return from_stored(OmegaConf.to_container(loaded))
     except Exception as err:  # OmegaConf validation errors are multi-line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(
             f"{run_dir / '.hydra' / 'config.yaml'} does not fit metalearn's config ({first}): restore it "
             "from a copy of the run, or train again"
         ) from None
-    OmegaConf.set_struct(stored, True)
-    return stored
 
 
 def _input_text(shape) -> str:
@@ -62,7 +60,7 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from metalearn.config import DatasetConfig, validate
+    from metalearn.config import section_config, validate
     from metalearn.preprocess import invert_setting, load_record
 
     run_dir = Path(run_dir)
@@ -111,12 +109,12 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
 
     regression = record["kind"] == "regression"
     if group_dataset:
-        new = OmegaConf.merge(OmegaConf.structured(DatasetConfig), composed.dataset)
+        new = section_config("dataset", OmegaConf.to_container(composed.dataset))
         for key in ("n_way", "k_shot", "k_query"):
             if f"dataset.{key}" not in explicit:
                 new[key] = train_dataset[key]
-        if "dataset.data_dir" not in explicit and new.data_dir is None:
-            new.data_dir = train_dataset.data_dir
+        if "dataset.data_dir" not in explicit and new.get("data_dir", 0) is None:
+            new.data_dir = train_dataset.get("data_dir")
         if not regression and new.name != "sinusoid":
             h, _, c = record["input_shape"]
             if "dataset.image_size" not in explicit and new.name not in ("cifar_fs", "fc100"):
@@ -169,7 +167,8 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
     if command == "predict":
         # predict never reads the training data: check everything but where that data is.
         check = OmegaConf.create(OmegaConf.to_container(stored))
-        check.dataset.manual_dir = None
+        if "manual_dir" in check.dataset:
+            check.dataset.manual_dir = None
         if check.dataset.name == "image_folder":
             check.dataset.path = str(run_dir)
         validate(check)

@@ -8,6 +8,7 @@ program as constants, and no host-to-device copy happens per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metalearn.config import need, schema
 from metalearn.data import IMAGE_DATASETS, load_dataset
+from metalearn.data.common import EpisodeConfig
 from metalearn.errors import ConfigError
 
 
@@ -401,3 +404,25 @@ def build_task_source(cfg: Any) -> TaskSource:
     if cfg.name == "sinusoid":
         return sinusoid_source(cfg)
     return image_source(cfg, load_image_arrays(cfg))
+
+
+@schema("dataset", "sinusoid")
+@dataclass
+class SinusoidConfig(EpisodeConfig):
+    """Sinusoid regression (MAML paper, section 5.1): y = A sin(x - phase) with amplitude
+    A ~ U[amp_min, amp_max], phase ~ U[phase_min, phase_max], x ~ U[x_min, x_max]; k_shot and
+    k_query points per task."""
+
+    amp_min: float = 0.1
+    amp_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = math.pi
+    x_min: float = -5.0
+    x_max: float = 5.0
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        EpisodeConfig.check(d, cfg)
+        need(d.amp_max >= d.amp_min > 0, "dataset.amp_min", d.amp_min, "> 0 and <= dataset.amp_max")
+        need(d.x_max > d.x_min, "dataset.x_max", d.x_max, "> dataset.x_min")
+        need(d.phase_max >= d.phase_min, "dataset.phase_max", d.phase_max, ">= dataset.phase_min")

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.sharding import Mesh
 
+from metalearn.algos import test_steps
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
 from metalearn.distributed import NullLogger, is_main_process, maybe_initialize, shared_run_dir
@@ -155,7 +156,7 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
             exp,
             t.val_tasks,
             cfg.eval.batch_size,
-            cfg.algo.inner_steps_test,
+            test_steps(cfg.algo),
             split="validation",
             k_query=getattr(cfg.eval, "k_query", None),
         )
@@ -298,7 +299,7 @@ def _validate(
         cfg,
         "validation",
         t.val_tasks,
-        cfg.algo.inner_steps_test,
+        test_steps(cfg.algo),
         state.algo_state,
         evaluator=validator,
     )

@@ -51,7 +51,7 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 from omegaconf import OmegaConf
 
-from metalearn.config import Config
+from metalearn.config import Config, schemas, section_config
 from metalearn.prefetch import HostPrefetcher
 from metalearn.step import init_state, make_meta_block, make_meta_step, replicate, setup, task_mesh
 from metalearn.tasks import image_source, sinusoid_source
@@ -193,6 +193,12 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _own_keys(group: str, values: dict) -> dict:
+    """``values`` without the keys the chosen schema of ``group`` does not have."""
+    fields = schemas(group)[values["name"]].__dataclass_fields__
+    return {k: v for k, v in values.items() if k in fields}
+
+
 def workload_experiment(workload: str, model: dict, algo: dict, placement: str = "device") -> tuple:
     """(Experiment, task source, default meta-batch) of ``WORKLOADS[workload]`` with ``model``
     settings over the workload's and ``algo`` settings over the defaults (inner_lr 0.01).
@@ -202,10 +208,10 @@ def workload_experiment(workload: str, model: dict, algo: dict, placement: str =
     """
     dataset, model_defaults, shape, default_batch = WORKLOADS[workload]
     cfg = OmegaConf.structured(Config)
-    cfg.dataset = OmegaConf.merge(cfg.dataset, dataset)
-    cfg.model = OmegaConf.merge(cfg.model, dict(model_defaults, **model))
-    for key, value in {**algo, "inner_lr": 0.01}.items():
-        setattr(cfg.algo, key, value)
+    cfg.dataset = section_config("dataset", dataset)
+    # The bench's switches (conv_impl, remat) apply where the model or algorithm has them.
+    cfg.model = section_config("model", _own_keys("model", dict(model_defaults, **model)))
+    cfg.algo = section_config("algo", _own_keys("algo", {"name": "maml", **algo, "inner_lr": 0.01}))
     if shape is None:
         source = sinusoid_source(cfg.dataset)
     else:

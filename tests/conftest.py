@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from metalearn.config import Config
+from metalearn.config import Config, section_config
 
 # The tests run tiny workloads whose time is mostly XLA:CPU compiling, about half of it in
 # LLVM's optimisation passes: skip those (measured: test_mamlpp + test_contested 300 s ->
@@ -26,9 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 
 
+# The choices of the per-choice groups when a test names none (the primary config's defaults).
+DEFAULT_CHOICES = {"algo": "maml", "dataset": "sinusoid", "model": "mlp"}
+
+
 def make_cfg(**sections) -> OmegaConf:
-    """A structured Config with per-section overrides, e.g. make_cfg(algo={"inner_lr": 0.1})."""
+    """A structured Config with per-section overrides, e.g. make_cfg(algo={"inner_lr": 0.1}).
+    The algo, dataset and model sections take the schema of their ``name`` (default: maml,
+    sinusoid, mlp), so a key that choice lacks fails as it would on the command line."""
     cfg = OmegaConf.structured(Config)
+    for group, default in DEFAULT_CHOICES.items():
+        values = dict(sections.pop(group, None) or {})
+        cfg[group] = section_config(group, {"name": values.pop("name", default), **values})
     for section, values in sections.items():
         if isinstance(values, dict):
             for key, value in values.items():
@@ -171,7 +180,7 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
     out, err = _Sink(), _Sink()
     argv, streams = sys.argv, (sys.stdout, sys.stderr)
     GlobalHydra.instance().clear()
-    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
+    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0, run_choices=[])
     code = 0
     try:
         # No logging config from Hydra here: its dictConfig would shut down the handlers of

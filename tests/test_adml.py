@@ -13,7 +13,7 @@ import yaml
 from conftest import make_cfg, run_cli, synthetic_image_arrays
 
 from metalearn.algos import Problem, make_algorithm
-from metalearn.config import validate
+from metalearn.config import section_config, validate
 from metalearn.errors import ConfigError
 from metalearn.models import make_model
 from metalearn.step import init_state, make_meta_step, setup
@@ -24,9 +24,9 @@ def _problem(kind: str, cfg) -> Problem:
     if kind == "mlp":
         source = sinusoid_source(cfg.dataset)
     else:
-        cfg.dataset.name, cfg.dataset.n_way, cfg.dataset.k_shot, cfg.dataset.k_query = "omniglot", 3, 2, 2
+        cfg.dataset = section_config("dataset", {"name": "omniglot", "n_way": 3, "k_shot": 2, "k_query": 2})
         # One block keeps the second-order compile cheap; BatchNorm and clipping are still in.
-        cfg.model.name, cfg.model.filters, cfg.model.blocks = "conv4", 3, 1
+        cfg.model = section_config("model", {"name": "conv4", "filters": 3, "blocks": 1})
         source = image_source(cfg.dataset, synthetic_image_arrays(n_classes=5, per_class=6, size=6))
     return Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
 

@@ -302,10 +302,9 @@ OMNI = {"dataset": {"name": "omniglot", "n_way": 5, "k_shot": 1, "k_query": 1}, 
         ("algo", "inner_loss", "sum", {}),
         ("algo", "outer_loss", "sum_over_shots", {}),  # sinusoid: regression
         ("model", "head", "avg", OMNI),
-        ("model", "head", "spatial_mean", {**OMNI, "model": {"name": "resnet12"}}),
-        ("model", "head_init", "zeros", {}),
-        ("model", "bn_epsilon", 0.0, {}),
-        ("model", "film_position", "after", {}),
+        ("model", "head_init", "zeros", OMNI),
+        ("model", "bn_epsilon", 0.0, OMNI),
+        ("model", "film_position", "after", OMNI),
         ("dataset", "rotation_sampling", "random", OMNI),
         (
             "dataset",

@@ -15,6 +15,7 @@ import pytest
 from conftest import counting_traces, make_cfg, synthetic_image_arrays
 
 from metalearn.algos import Problem, make_algorithm
+from metalearn.config import section_config
 from metalearn.models import make_model
 from metalearn.step import init_state, make_meta_step, setup
 from metalearn.tasks import image_source, sinusoid_source
@@ -24,8 +25,8 @@ def _problem(kind: str, cfg):
     if kind == "mlp":
         source = sinusoid_source(cfg.dataset)
     else:
-        cfg.dataset.name, cfg.dataset.n_way, cfg.dataset.k_shot, cfg.dataset.k_query = "omniglot", 3, 2, 2
-        cfg.model.name, cfg.model.filters, cfg.model.blocks = "conv4", 3, 2
+        cfg.dataset = section_config("dataset", {"name": "omniglot", "n_way": 3, "k_shot": 2, "k_query": 2})
+        cfg.model = section_config("model", {"name": "conv4", "filters": 3, "blocks": 2})
         source = image_source(cfg.dataset, synthetic_image_arrays(n_classes=5, per_class=6, size=6))
     model = make_model(cfg.model, source.input_shape, source.output_dim)
     return Problem(model, source)

@@ -41,13 +41,22 @@ def _numbers(results: dict) -> dict:
     return results
 
 
+# Fields that changed on purpose since the fixtures were recorded: key -> {field: new value}.
+# ProtoNet has no inner loop: its results record 0 test-time steps, not the 3 the flat config
+# carried for it (test_structure_preserved.INTENTIONAL_RESULT_CHANGES).
+INTENTIONAL_CHANGES = {"protonet_omniglot/eval": {"inner_steps_test": 0}}
+
+
 def _check(key: str, value) -> None:
     expected = json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {}
     if RECORD:
         expected[key] = value
         EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
         return
-    _assert_subset(expected[key], value, key)
+    recorded = expected[key]
+    if key in INTENTIONAL_CHANGES:
+        recorded = {**recorded, **INTENTIONAL_CHANGES[key]}
+    _assert_subset(recorded, value, key)
 
 
 def _assert_subset(expected, value, where: str) -> None:

@@ -28,8 +28,9 @@ from metalearn.tasks import image_source
 
 
 def _cfg(algo: str, **dataset):
+    inner = {} if algo == "protonet" else {"inner_lr": 0.1, "inner_steps": 1}
     cfg = make_cfg(
-        algo={"name": algo, "inner_lr": 0.1, "inner_steps": 1},
+        algo={"name": algo, **inner},
         dataset={"name": "omniglot", "n_way": 3, "k_shot": 2, "k_query": 3, **dataset},
         model={"name": "conv4", "filters": 4, "blocks": 2},
     )
@@ -225,7 +226,7 @@ def test_result_lines_name_no_inner_steps_for_protonet(tmp_path):
     from metalearn.evaluation import final_line
 
     results = {"test": {"metric": "accuracy", "mean": 0.9, "ci95": 0.01, "n_tasks": 10}}
-    line = final_line(results, make_cfg(algo={"name": "protonet", "inner_steps_test": 3}), tmp_path)
+    line = final_line(results, make_cfg(algo={"name": "protonet"}), tmp_path)
     assert "inner step" not in line and "90.00%" in line
     line = final_line(results, make_cfg(algo={"name": "protomaml", "inner_steps_test": 3}), tmp_path)
     assert "after 3 inner step(s)" in line

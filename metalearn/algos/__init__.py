@@ -26,9 +26,19 @@ ALGORITHMS = {
     "protomaml": make_protomaml,
 }
 
+# Algorithms that classify by distances to class prototypes: no regression, any number of
+# ways (their training episodes may have more ways than the test's: dataset.n_way_train).
+METRIC_ALGOS = ("protonet", "protomaml")
+
 # Algorithms whose adaptation is not a loop of steps (Prototypical Networks classify by
 # distances to the support prototypes); algo.inner_steps* do not apply to them.
 WITHOUT_INNER_LOOP = frozenset({"protonet"})
+
+
+def test_steps(algo_cfg) -> int:
+    """Inner steps of test-time adaptation (``algo.inner_steps_test``; 0 for an algorithm
+    without an inner loop, whose schema has no such key)."""
+    return int(algo_cfg.inner_steps_test) if "inner_steps_test" in algo_cfg else 0
 
 
 def adaptation_phrase(name: str, steps: int) -> str:
@@ -38,16 +48,19 @@ def adaptation_phrase(name: str, steps: int) -> str:
 
 
 def make_algorithm(cfg, problem: Problem) -> MetaLearner:
-    """The algorithm named by ``cfg.name`` (an AlgoConfig) for this model and task source."""
+    """The algorithm named by ``cfg.name`` (its schema: config.SCHEMAS["algo"]) for this model
+    and task source."""
     return ALGORITHMS[cfg.name](cfg, problem)
 
 
 __all__ = [
     "ALGORITHMS",
+    "METRIC_ALGOS",
     "WITHOUT_INNER_LOOP",
     "MetaLearner",
     "Problem",
     "adaptation_phrase",
     "inner_sgd",
     "make_algorithm",
+    "test_steps",
 ]

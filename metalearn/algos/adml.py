@@ -43,20 +43,47 @@ State: meta_params = the model's parameter pytree; adapted = a pytree of the sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 from jax import lax
 
 from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, loss_reductions, stateless_learner
-from metalearn.algos.maml import make_maml
+from metalearn.algos.maml import MAMLConfig, make_maml
 from metalearn.attacks import make_attack
+from metalearn.config import finite, need, one_of, schema
 from metalearn.tasks import Task
 
 
+@schema("algo", "adml")
+@dataclass
+class ADMLConfig(MAMLConfig):
+    """MAML's keys plus the L-inf attack that crafts the adversarial support and query sets in
+    meta-training: eps (radius, input units), attack (fgsm or pgd), and for PGD attack_steps,
+    attack_step_size (null: 2.5 * eps / attack_steps) and attack_random_start.
+    regenerate_adversarial: craft the adversarial query against the clean-adapted parameters,
+    not the meta-parameters."""
+
+    eps: float = 0.1
+    attack: str = "fgsm"
+    attack_steps: int = 10
+    attack_step_size: float | None = None
+    attack_random_start: bool = True
+    regenerate_adversarial: bool = False
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        MAMLConfig.check(a, cfg)
+        need(finite(a.eps) and a.eps >= 0, "algo.eps", a.eps, "finite and >= 0")
+        one_of(a.attack, "algo.attack", ("fgsm", "pgd"))
+        need(a.attack_steps >= 1, "algo.attack_steps", a.attack_steps, ">= 1")
+        size = a.attack_step_size
+        need(size is None or size > 0, "algo.attack_step_size", size, "> 0 or null")
+
+
 def make_adml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat, eps, attack,
-    attack_steps, attack_step_size, attack_random_start, regenerate_adversarial)."""
+    """cfg: an ADMLConfig."""
     model, source = problem.model, problem.source
     attack = make_attack(
         cfg.attack,

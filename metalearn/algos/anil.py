@@ -19,11 +19,14 @@ State: meta_params = the model's parameter pytree; adapted = the adapted ``head`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 
 from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    LossReductionsConfig,
     MetaLearner,
     Problem,
     gradient_of_mean,
@@ -31,7 +34,20 @@ from metalearn.algos.base import (
     loss_reductions,
     stateless_learner,
 )
+from metalearn.config import schema
 from metalearn.tasks import Task
+
+
+@schema("algo", "anil")
+@dataclass
+class ANILConfig(DifferentiatedInnerLoopConfig, LossReductionsConfig):
+    """MAML's inner-loop keys for the head alone (no adapt_bn: only the head is adapted)."""
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        DifferentiatedInnerLoopConfig.check(a, cfg)
+        LossReductionsConfig.check(a, cfg)
+
 
 HEAD = "head"
 
@@ -47,7 +63,7 @@ def _with_head(params: Any, head: Any) -> Any:
 
 
 def make_anil(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
+    """cfg: an ANILConfig."""
     model, source = problem.model, problem.source
     losses = loss_reductions(cfg, source)
 

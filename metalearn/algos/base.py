@@ -10,17 +10,65 @@ a *batch* of tasks is the same with a leading task axis (T, N, ...).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from metalearn.config import ChoiceConfig, finite, need, one_of
 from metalearn.models import Model, is_norm_param
 from metalearn.tasks import Task, TaskSource
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+
+
+@dataclass
+class InnerLoopConfig(ChoiceConfig):
+    """Keys of every algorithm that adapts by inner steps: their learning rate (algo.inner_lr,
+    the context's lr for CAML, the initial per-parameter rate for Meta-SGD) and how many steps
+    adapt a task in meta-training and at evaluation (validation, test, predict)."""
+
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    inner_steps_test: int = 1
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        need(finite(a.inner_lr) and a.inner_lr > 0, "algo.inner_lr", a.inner_lr, "> 0")
+        need(a.inner_steps >= 1, "algo.inner_steps", a.inner_steps, ">= 1")
+        need(a.inner_steps_test >= 0, "algo.inner_steps_test", a.inner_steps_test, ">= 0")
+
+
+@dataclass
+class DifferentiatedInnerLoopConfig(InnerLoopConfig):
+    """An inner loop the meta-gradient backpropagates through: ``first_order`` stops the
+    gradient through each inner gradient; ``remat`` recomputes each inner step in the backward
+    pass (saves memory, costs compute)."""
+
+    first_order: bool = False
+    remat: bool = False
+
+
+LOSS_REDUCTIONS = ("mean", "sum_over_shots")
+
+
+@dataclass
+class LossReductionsConfig:
+    """Loss reductions (docs, "Contested details"): "mean" over the examples, or cbfinn/maml's
+    "sum_over_shots" (each example's cross-entropy / K, summed: N x the mean on the support
+    set). inner_loss: the adaptation loss (training and test); outer_loss: the query loss of
+    the meta-objective. Classification only."""
+
+    inner_loss: str = "mean"
+    outer_loss: str = "mean"
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        one_of(a.inner_loss, "algo.inner_loss", LOSS_REDUCTIONS)
+        one_of(a.outer_loss, "algo.outer_loss", LOSS_REDUCTIONS)
 
 
 class Problem(NamedTuple):
@@ -158,9 +206,6 @@ def adapt_mask(params: PyTree, adapt_bn: bool) -> PyTree | None:
     return jax.tree_util.tree_map_with_path(lambda path, _: not is_norm_param(path), params)
 
 
-LOSS_REDUCTIONS = ("mean", "sum_over_shots")
-
-
 def loss_scale(reduction: str, n_examples: int, n_support: int, n_way: int) -> float:
     """Factor turning the mean loss over ``n_examples`` into ``reduction``.
 
@@ -180,7 +225,7 @@ def loss_scale(reduction: str, n_examples: int, n_support: int, n_way: int) -> f
 
 def reductions(cfg: Any) -> tuple[str, str]:
     """(inner, outer) loss reductions of an AlgoConfig (``algo.inner_loss``/``outer_loss``)."""
-    return getattr(cfg, "inner_loss", "mean"), getattr(cfg, "outer_loss", "mean")
+    return cfg.inner_loss, cfg.outer_loss
 
 
 def scaled(loss: jax.Array, reduction: str, x: jax.Array, support_x: jax.Array, n_way: int) -> jax.Array:

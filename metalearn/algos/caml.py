@@ -24,12 +24,15 @@ adapted = the task's context vector phi_k, shape (C,).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    LossReductionsConfig,
     MetaLearner,
     Problem,
     gradient_of_mean,
@@ -37,12 +40,28 @@ from metalearn.algos.base import (
     loss_reductions,
     stateless_learner,
 )
+from metalearn.config import need, schema
 from metalearn.models import with_context
 from metalearn.tasks import Task
 
 
+@schema("algo", "caml")
+@dataclass
+class CAMLConfig(DifferentiatedInnerLoopConfig, LossReductionsConfig):
+    """The inner-loop keys for the context (inner_lr is the context's lr) and context_size,
+    the length of the per-task context vector."""
+
+    context_size: int = 5
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        DifferentiatedInnerLoopConfig.check(a, cfg)
+        LossReductionsConfig.check(a, cfg)
+        need(a.context_size >= 1, "algo.context_size", a.context_size, ">= 1")
+
+
 def make_caml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (context_size, inner_lr, inner_steps, first_order, remat)."""
+    """cfg: a CAMLConfig."""
     source = problem.source
     # The trainer builds the plain model; CAML needs its context-conditioned twin.
     model = with_context(problem.model, source.input_shape, cfg.context_size)

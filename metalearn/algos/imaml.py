@@ -46,6 +46,7 @@ shape), used by evaluation and ``predict`` (adaptation at test time solves the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -53,10 +54,44 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from metalearn.algos.base import MetaLearner, Problem, stateless_learner
+from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem, stateless_learner
+from metalearn.config import finite, need, one_of, schema
 from metalearn.tasks import Task
 
 PROXIMAL = ("every_step", "pullback")
+
+
+@schema("algo", "imaml")
+@dataclass
+class IMAMLConfig(InnerLoopConfig):
+    """The inner-loop keys and iMAML's: lam, the strength of the proximal term
+    (lam/2)||phi - theta||^2; cg_steps, conjugate-gradient steps for (I + H/lam)^-1 g;
+    cg_damping, added to the system's diagonal; proximal, where the proximal term acts
+    ("every_step", the paper; "pullback", the authors' code); cg_lam_offset, added to lam in
+    the CG system (the authors' code: 10); lam_test, lam at evaluation (null: lam)."""
+
+    lam: float = 2.0
+    cg_steps: int = 5
+    cg_damping: float = 0.0
+    proximal: str = "every_step"
+    cg_lam_offset: float = 0.0
+    lam_test: float | None = None
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        InnerLoopConfig.check(a, cfg)
+        need(finite(a.lam) and a.lam > 0, "algo.lam", a.lam, "> 0")
+        need(a.cg_steps >= 1, "algo.cg_steps", a.cg_steps, ">= 1")
+        need(finite(a.cg_damping) and a.cg_damping >= 0, "algo.cg_damping", a.cg_damping, ">= 0")
+        one_of(a.proximal, "algo.proximal", PROXIMAL)
+        off = a.cg_lam_offset
+        need(finite(off) and off >= 0, "algo.cg_lam_offset", off, ">= 0")
+        need(
+            a.lam_test is None or (finite(a.lam_test) and a.lam_test >= 0),
+            "algo.lam_test",
+            a.lam_test,
+            ">= 0 or null",
+        )
 
 
 def conjugate_gradient(matvec: Any, b: jax.Array, steps: int) -> jax.Array:
@@ -85,13 +120,12 @@ def conjugate_gradient(matvec: Any, b: jax.Array, steps: int) -> jax.Array:
 
 
 def make_imaml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, inner_steps_test, lam, lam_test, proximal,
-    cg_steps, cg_damping, cg_lam_offset)."""
+    """cfg: an IMAMLConfig."""
     model, source = problem.model, problem.source
     lam, damping = float(cfg.lam), float(cfg.cg_damping)
-    lam_test = lam if getattr(cfg, "lam_test", None) is None else float(cfg.lam_test)
-    proximal = getattr(cfg, "proximal", "every_step")
-    cg_scale = lam + float(getattr(cfg, "cg_lam_offset", 0.0))
+    lam_test = lam if cfg.lam_test is None else float(cfg.lam_test)
+    proximal = cfg.proximal
+    cg_scale = lam + float(cfg.cg_lam_offset)
     if proximal not in PROXIMAL:
         raise ValueError(f"unknown algo.proximal {proximal!r}; expected one of {PROXIMAL}")
 

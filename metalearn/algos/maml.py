@@ -19,11 +19,14 @@ State: meta_params = the model's parameter pytree; adapted = a pytree of the sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 
 from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    LossReductionsConfig,
     MetaLearner,
     Problem,
     adapt_mask,
@@ -32,16 +35,31 @@ from metalearn.algos.base import (
     loss_reductions,
     stateless_learner,
 )
+from metalearn.config import schema
 from metalearn.tasks import Task
 
 
+@schema("algo", "maml", "fomaml")
+@dataclass
+class MAMLConfig(DifferentiatedInnerLoopConfig, LossReductionsConfig):
+    """MAML's keys (fomaml: the same with first_order forced on). adapt_bn false: BatchNorm
+    parameters stay fixed in the inner loop (meta-learned only, as in cbfinn/maml)."""
+
+    adapt_bn: bool = True
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        DifferentiatedInnerLoopConfig.check(a, cfg)
+        LossReductionsConfig.check(a, cfg)
+
+
 def make_maml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
+    """cfg: a MAMLConfig (or a subclass's: ADML, Meta-SGD reuse it)."""
     first_order = bool(cfg.first_order) or cfg.name == "fomaml"
     model, source = problem.model, problem.source
 
     losses = loss_reductions(cfg, source)
-    adapt_bn = bool(getattr(cfg, "adapt_bn", True))
+    adapt_bn = bool(cfg.adapt_bn)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key

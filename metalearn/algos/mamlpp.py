@@ -48,6 +48,7 @@ taken substituted), so ``predict`` is ``model.apply``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -55,8 +56,40 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem, mean_over_tasks, no_state
+from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    MetaLearner,
+    Problem,
+    mean_over_tasks,
+    no_state,
+)
+from metalearn.config import need, schema
 from metalearn.tasks import Task
+
+
+@schema("algo", "mamlpp")
+@dataclass
+class MAMLppConfig(DifferentiatedInnerLoopConfig):
+    """MAML's inner-loop keys and MAML++'s switches (with all off and a constant outer lr it is
+    MAML). multi_step_loss: query loss after every inner step, weights annealed to the last
+    step over msl_steps meta-steps; lslr: learned per-layer per-step inner lrs (start:
+    inner_lr); per_step_bn: one BatchNorm scale/offset per inner step; first_order_steps:
+    first-order meta-gradient for that many meta-steps, then second order (0: first_order
+    throughout)."""
+
+    multi_step_loss: bool = True
+    msl_steps: int = 5000
+    lslr: bool = True
+    per_step_bn: bool = True
+    first_order_steps: int = 0
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        DifferentiatedInnerLoopConfig.check(a, cfg)
+        need(a.msl_steps >= 1, "algo.msl_steps", a.msl_steps, ">= 1 (meta-steps of loss-weight annealing)")
+        fo = a.first_order_steps
+        need(fo >= 0, "algo.first_order_steps", fo, ">= 0 (0: no derivative-order annealing)")
+
 
 # The reference code's floor on the weight of a non-final step's loss, times N
 # (``min_value_for_non_final_losses = 0.03 / number_of_training_steps_per_iter``).
@@ -85,8 +118,7 @@ def msl_weights(step: jax.Array, n_steps: int, msl_steps: int) -> jax.Array:
 
 
 def make_mamlpp(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat, multi_step_loss,
-    msl_steps, lslr, per_step_bn, first_order_steps)."""
+    """cfg: a MAMLppConfig."""
     model, source = problem.model, problem.source
     n_steps = int(cfg.inner_steps)
     use_msl, use_lslr, use_bn = bool(cfg.multi_step_loss), bool(cfg.lslr), bool(cfg.per_step_bn)

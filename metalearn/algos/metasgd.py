@@ -22,6 +22,7 @@ adapted = a model parameter pytree.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -36,14 +37,22 @@ from metalearn.algos.base import (
     loss_reductions,
     stateless_learner,
 )
+from metalearn.algos.maml import MAMLConfig
+from metalearn.config import schema
 from metalearn.tasks import Task
 
 
+@schema("algo", "metasgd")
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    """MAML's keys; inner_lr is the initial value of every per-parameter rate."""
+
+
 def make_metasgd(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr: initial per-parameter rate, inner_steps, first_order, remat)."""
+    """cfg: a MetaSGDConfig."""
     model, source = problem.model, problem.source
     losses = loss_reductions(cfg, source)
-    adapt_bn = bool(getattr(cfg, "adapt_bn", True))
+    adapt_bn = bool(cfg.adapt_bn)
 
     def init(key: jax.Array) -> Any:
         params = model.init(key)

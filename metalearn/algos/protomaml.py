@@ -29,14 +29,29 @@ parameters, head {"kernel": (D, Ns), "bias": (Ns,)}).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, inner_sgd, stateless_learner
+from metalearn.algos.base import (
+    DifferentiatedInnerLoopConfig,
+    MetaLearner,
+    Problem,
+    gradient_of_mean,
+    inner_sgd,
+    stateless_learner,
+)
 from metalearn.algos.protonet import MASKED_LOGIT, embed, embedding_params, prototypes
+from metalearn.config import schema
 from metalearn.tasks import Task
+
+
+@schema("algo", "protomaml")
+@dataclass
+class ProtoMAMLConfig(DifferentiatedInnerLoopConfig):
+    """MAML's inner-loop keys (the head starts from the support prototypes)."""
 
 
 def proto_head(centers: jax.Array, present: jax.Array) -> dict[str, jax.Array]:
@@ -48,7 +63,7 @@ def proto_head(centers: jax.Array, present: jax.Array) -> dict[str, jax.Array]:
 
 
 def make_protomaml(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_lr, inner_steps, first_order, remat)."""
+    """cfg: a ProtoMAMLConfig."""
     model, source = problem.model, problem.source
 
     def logits(adapted: tuple[Any, dict[str, jax.Array]], x: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ prototypes (Ns, D) and a mask (Ns,) of the classes present.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -40,8 +41,16 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, stateless_learner
+from metalearn.config import ChoiceConfig, schema
 from metalearn.models import Model
 from metalearn.tasks import Task
+
+
+@schema("algo", "protonet")
+@dataclass
+class ProtoNetConfig(ChoiceConfig):
+    """No keys: there is no inner loop (dataset.n_way_train sets the training episodes' ways)."""
+
 
 HEAD = "head"
 # Logit of a label with no support example: exp(MASKED_LOGIT - any real logit) is 0.
@@ -94,7 +103,7 @@ def distance_logits(z: jax.Array, protos: Prototypes) -> jax.Array:
 
 
 def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (no settings are used: there is no inner loop)."""
+    """cfg: a ProtoNetConfig (no settings: there is no inner loop)."""
     del cfg
     model, source = problem.model, problem.source
 

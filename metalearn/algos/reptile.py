@@ -68,6 +68,7 @@ algo_state = the inner optimizer's state (carry) or ``()`` (reset).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -75,8 +76,50 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from metalearn.algos.base import MetaLearner, Problem
+from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem
+from metalearn.config import need, one_of, schema
 from metalearn.tasks import Task
+
+
+@schema("algo", "reptile")
+@dataclass
+class ReptileConfig(InnerLoopConfig):
+    """The inner-loop keys and Reptile's. inner_optimizer: "sgd", or "adam" with beta1 = 0 (the
+    paper). inner_batch_size: examples per inner step (0: the whole set; at test
+    inner_batch_size_test, null: the same). train_shots: per class, the first train_shots of a
+    training task's k_shot + k_query examples train the inner loop and the rest score the
+    logged metric (null: train_on_query decides: true trains on support + query, false on the
+    support set). inner_state: the inner optimizer's state, "carry" (one state through all
+    tasks and into evaluation, as supervised-reptile) or "reset" (fresh per task; the default
+    here so runs made before this key existed load as trained). inner_loss: "mean" or "sum"
+    (supervised-reptile minimises the sum of per-example cross-entropies)."""
+
+    inner_optimizer: str = "sgd"
+    inner_batch_size: int = 0
+    inner_batch_size_test: int | None = None
+    train_on_query: bool = True
+    train_shots: int | None = None
+    inner_state: str = "reset"
+    inner_loss: str = "mean"
+
+    @classmethod
+    def check(cls, a: Any, cfg: Any) -> None:
+        InnerLoopConfig.check(a, cfg)
+        one_of(a.inner_optimizer, "algo.inner_optimizer", ("sgd", "adam"))
+        need(a.inner_batch_size >= 0, "algo.inner_batch_size", a.inner_batch_size, ">= 0 (0: the whole set)")
+        test_batch = a.inner_batch_size_test
+        need(test_batch is None or test_batch >= 0, "algo.inner_batch_size_test", test_batch, ">= 0 or null")
+        one_of(a.inner_state, "algo.inner_state", ("carry", "reset"))
+        one_of(a.inner_loss, "algo.inner_loss", ("mean", "sum"))
+        if a.train_shots is not None:
+            per_class = cfg.dataset.k_shot + cfg.dataset.k_query
+            need(
+                1 <= a.train_shots < per_class,
+                "algo.train_shots",
+                a.train_shots,
+                f">= 1 and < dataset.k_shot + dataset.k_query = {per_class} (the rest are held out), or null",
+            )
+
 
 PyTree = Any
 
@@ -146,15 +189,14 @@ def split_examples(task: Task, ways: int, train_shots: int) -> tuple[jax.Array, 
 
 
 def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: AlgoConfig (inner_optimizer, inner_lr, inner_steps, inner_batch_size,
-    inner_batch_size_test, train_shots, train_on_query, inner_state, inner_loss)."""
+    """cfg: a ReptileConfig."""
     model, source = problem.model, problem.source
     opt = inner_optimizer(cfg.inner_optimizer, cfg.inner_lr)
     # SGD has no state to carry; its tasks stay independent (and vmapped) either way.
-    carry = getattr(cfg, "inner_state", "reset") == "carry" and cfg.inner_optimizer != "sgd"
-    loss_sum = getattr(cfg, "inner_loss", "mean") == "sum"
-    train_shots = getattr(cfg, "train_shots", None)
-    test_batch = getattr(cfg, "inner_batch_size_test", None)
+    carry = cfg.inner_state == "carry" and cfg.inner_optimizer != "sgd"
+    loss_sum = cfg.inner_loss == "sum"
+    train_shots = cfg.train_shots
+    test_batch = cfg.inner_batch_size_test
     test_batch = cfg.inner_batch_size if test_batch is None else test_batch
     ways = source.output_dim if source.kind == "classification" else 1
 

@@ -62,6 +62,7 @@ import pickle
 import tarfile
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,8 +71,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from metalearn.config import need, schema
 from metalearn.data.common import (
     SPLITS,
+    ArchiveDatasetConfig,
     network_unavailable_reason,
     sha256_of,
     url_infos,
@@ -657,3 +660,20 @@ def load_fc100(
 def load_config(cfg: Any) -> dict[str, np.ndarray]:
     """The arrays for a DatasetConfig with ``name`` cifar_fs or fc100."""
     return _load(cfg.name, cfg.manual_dir, cfg.data_dir, cfg.download, None)
+
+
+@schema("dataset", "cifar_fs", "fc100")
+@dataclass
+class CIFARFewShotConfig(ArchiveDatasetConfig):
+    """CIFAR-FS and FC100 (CIFAR-100, 600 images of 32x32 per class; image_size must be 32)."""
+
+    image_size: int = 32
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        need(d.image_size == 32, "dataset.image_size", d.image_size, f"32 for {d.name} (CIFAR images)")
+        super().check(d, cfg)
+
+    @classmethod
+    def episode_limits(cls, d: Any) -> tuple[int, int, str]:
+        return 600, {"cifar_fs": 16, "fc100": 20}[d.name], d.name

@@ -20,10 +20,13 @@ import socket
 import threading
 import urllib.parse
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from metalearn.config import ChoiceConfig, need, one_of
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +167,138 @@ def url_infos(archives) -> dict:
         a.url: tfds.download.checksums.UrlInfo(size=a.size, checksum=a.sha256, filename=a.name)
         for a in archives
     }
+
+
+@dataclass
+class EpisodeConfig(ChoiceConfig):
+    """Keys of every task distribution: ways (n_way; 1 for regression), shots and query
+    examples per class of an episode."""
+
+    n_way: int = 1
+    k_shot: int = 10
+    k_query: int = 10
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        need(d.k_shot >= 1, "dataset.k_shot", d.k_shot, ">= 1")
+        need(d.k_query >= 1, "dataset.k_query", d.k_query, ">= 1")
+
+
+PLACEMENTS = ("auto", "device", "host")
+
+
+@dataclass
+class ImageDatasetConfig(EpisodeConfig):
+    """Keys of every image dataset. n_way_train: ways of the meta-training episodes when they
+    differ from the evaluation ones (ProtoNets train 60-way for 5-way tests; only algorithms
+    without a fixed-size output layer); k_query_test: query examples per class of validation
+    and test episodes (null: k_query); image_size: images are resized to this side; data_dir:
+    where prepared data is kept (null: $METALEARN_DATA_DIR, else ~/tensorflow_datasets);
+    placement: where episodes are sampled, "device" (the split in accelerator memory, sampled
+    inside the jitted step), "host" (a background thread gathers and prefetches each batch,
+    prefetch batches ahead) or "auto" (device when the data fits)."""
+
+    n_way: int = 5
+    k_shot: int = 1
+    k_query: int = 1
+    n_way_train: int | None = None
+    k_query_test: int | None = None
+    image_size: int = 28
+    data_dir: str | None = None
+    placement: str = "auto"
+    prefetch: int = 2
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        EpisodeConfig.check(d, cfg)
+        need(d.n_way >= 2, "dataset.n_way", d.n_way, ">= 2 for classification")
+        if d.n_way_train is not None:
+            need(d.n_way_train >= 2, "dataset.n_way_train", d.n_way_train, ">= 2 or null")
+        need(d.image_size >= 4, "dataset.image_size", d.image_size, ">= 4")
+        one_of(d.placement, "dataset.placement", PLACEMENTS)
+        need(d.prefetch >= 1, "dataset.prefetch", d.prefetch, ">= 1")
+        need(
+            d.k_query_test is None or d.k_query_test >= 1,
+            "dataset.k_query_test",
+            d.k_query_test,
+            ">= 1 or null",
+        )
+        limits = cls.episode_limits(d)
+        if limits is not None:
+            check_episode_shape(d, *limits)
+
+    @classmethod
+    def episode_limits(cls, d: Any) -> tuple[int, int, str] | None:
+        """(images per class, classes of the smallest split, a name for messages) when known
+        before the data is read; None for datasets known only once read."""
+        return None
+
+
+def check_episode_shape(d: Any, per_class: int, classes: int, where: str) -> None:
+    """Episode shapes the dataset cannot hold fail before any data is read (tasks.image_source
+    checks the loaded arrays again, e.g. for custom archives)."""
+    need(
+        d.k_shot + d.k_query <= per_class,
+        "dataset.k_shot + dataset.k_query",
+        d.k_shot + d.k_query,
+        f"<= {per_class} (images per class of {where})",
+    )
+    if d.k_query_test is not None:
+        need(
+            d.k_shot + d.k_query_test <= per_class,
+            "dataset.k_shot + dataset.k_query_test",
+            d.k_shot + d.k_query_test,
+            f"<= {per_class} (images per class of {where})",
+        )
+    need(
+        d.n_way <= classes,
+        "dataset.n_way",
+        d.n_way,
+        f"<= {classes} (classes of the smallest split of {where})",
+    )
+
+
+def check_manual_dir(d: Any) -> None:
+    need(
+        d.manual_dir is None or Path(d.manual_dir).expanduser().is_dir(),
+        "dataset.manual_dir",
+        d.manual_dir,
+        "an existing directory holding the dataset files",
+    )
+
+
+@dataclass
+class ArchiveDatasetConfig(ImageDatasetConfig):
+    """An image dataset built from published archives: manual_dir, a folder holding them (no
+    download), and download (fetch them when neither manual_dir nor a prepared copy exists)."""
+
+    manual_dir: str | None = None
+    download: bool = True
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        super().check(d, cfg)
+        check_manual_dir(d)
+
+
+@dataclass
+class SplitByRatiosConfig(ImageDatasetConfig):
+    """An image dataset whose classes are split by fractions (image folders, TFDS datasets):
+    channels (1 grey, 3 RGB), split_ratios (train/validation/test fractions of the classes,
+    when the data is not split already) and split_seed (the class permutation)."""
+
+    channels: int = 3
+    split_ratios: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
+    split_seed: int = 0
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        super().check(d, cfg)
+        need(d.channels in (1, 3), "dataset.channels", d.channels, "1 (grey) or 3 (RGB)")
+        ratios = list(d.split_ratios)
+        need(
+            len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+            "dataset.split_ratios",
+            ratios,
+            "three fractions >= 0 (train, validation, test) summing to 1",
+        )

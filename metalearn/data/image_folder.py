@@ -55,6 +55,7 @@ import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,7 +64,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from metalearn.data.common import SPLITS, ClassImages, resolve_data_dir
+from metalearn.config import need, schema
+from metalearn.data.common import SPLITS, ClassImages, SplitByRatiosConfig, resolve_data_dir
 from metalearn.data.pipeline import (
     RESAMPLE,  # noqa: F401 (re-exported)
     DatasetSpec,
@@ -479,3 +481,18 @@ def load_test_folder(
         else f"{len(classes)} classes of {folder}"
     )
     return ClassImages(images, counts), [name for name, _, _ in classes], where
+
+
+@schema("dataset", "image_folder")
+@dataclass
+class ImageFolderConfig(SplitByRatiosConfig):
+    """A folder of images: path (one subfolder per class, or train/validation/test subfolders
+    each holding class subfolders)."""
+
+    path: str | None = None
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        super().check(d, cfg)
+        need(d.path is not None, "dataset.path", d.path, "the image folder (one subfolder per class)")
+        need(Path(str(d.path)).expanduser().is_dir(), "dataset.path", d.path, "an existing directory")

@@ -71,6 +71,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -79,7 +80,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from metalearn.data.common import SPLITS, load_npz
+from metalearn.config import schema
+from metalearn.data.common import SPLITS, ArchiveDatasetConfig, load_npz
 from metalearn.data.pipeline import (
     DatasetSpec,
     Paths,
@@ -597,3 +599,13 @@ def load_mini_imagenet(
 def load_config(cfg: Any) -> dict[str, np.ndarray]:
     """The arrays for a DatasetConfig with ``name=mini_imagenet``."""
     return load_mini_imagenet(cfg.manual_dir, cfg.data_dir, image_size=cfg.image_size)
+
+
+@schema("dataset", "mini_imagenet")
+@dataclass
+class MiniImageNetConfig(ArchiveDatasetConfig):
+    """mini-ImageNet (Ravi & Larochelle's split: 64 / 16 / 20 classes of 600 images)."""
+
+    @classmethod
+    def episode_limits(cls, d: Any) -> tuple[int, int, str]:
+        return IMAGES_PER_CLASS, len(SPLIT_WNIDS["validation"]), "mini_imagenet"

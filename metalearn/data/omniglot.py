@@ -32,15 +32,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from metalearn.config import need, one_of, schema
 from metalearn.data.common import (
     DATA_DIR_ENV,  # noqa: F401 (re-exported)
     SPLITS,  # noqa: F401 (re-exported)
+    ArchiveDatasetConfig,
     default_data_dir,
 )
 from metalearn.data.omniglot_tfds import (
@@ -261,3 +264,49 @@ def load_config(cfg: Any) -> dict[str, np.ndarray]:
     return load_omniglot(
         cfg.variant, cfg.manual_dir, cfg.data_dir, cfg.image_size, rotations, cfg.split_seed, cfg.download
     )
+
+
+# Drawings per character, and characters of the smallest (validation) split per variant.
+DRAWINGS = 20
+VALIDATION_CHARACTERS = {"standard": 100, "small": 20}
+ROTATION_SAMPLING = ("classes", "per_task")
+
+
+@schema("dataset", "omniglot")
+@dataclass
+class OmniglotConfig(ArchiveDatasetConfig):
+    """Omniglot: variant "standard" (images_background + images_evaluation, 1623 characters)
+    or "small" (the two background-small archives, 242); split_seed permutes the characters
+    before the split; rotations: the 90-degree rotations of each character as extra data,
+    sampled as separate classes of the same split ("classes") or as one random rotation per
+    class per task ("per_task", cbfinn/maml's data_generator.py)."""
+
+    variant: str = "standard"
+    rotations: bool = True
+    rotation_sampling: str = "classes"
+    split_seed: int = 0
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        one_of(d.variant, "dataset.variant", sorted(VALIDATION_CHARACTERS))
+        one_of(d.rotation_sampling, "dataset.rotation_sampling", ROTATION_SAMPLING)
+        if d.rotation_sampling == "per_task":
+            need(
+                d.rotations,
+                "dataset.rotation_sampling",
+                d.rotation_sampling,
+                "classes unless dataset.rotations=true",
+            )
+            need(
+                d.placement != "host",
+                "dataset.placement",
+                d.placement,
+                "auto or device with dataset.rotation_sampling=per_task (rotations are drawn on device)",
+            )
+        super().check(d, cfg)
+
+    @classmethod
+    def episode_limits(cls, d: Any) -> tuple[int, int, str]:
+        rotated_classes = d.rotations and d.rotation_sampling == "classes"
+        classes = VALIDATION_CHARACTERS[d.variant] * (4 if rotated_classes else 1)
+        return DRAWINGS, classes, f"Omniglot {d.variant}, rotations={d.rotations}"

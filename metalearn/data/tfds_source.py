@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from metalearn.data.common import SPLITS
+from metalearn.config import need, schema
+from metalearn.data.common import SPLITS, SplitByRatiosConfig
 from metalearn.data.pipeline import (
     DatasetSpec,
     load,
@@ -136,3 +138,33 @@ SPEC = DatasetSpec(
 def load_config(cfg: Any) -> dict:
     """The splits for a DatasetConfig with ``name=tfds``."""
     return load(SPEC, cfg)
+
+
+@schema("dataset", "tfds")
+@dataclass
+class TFDSConfig(SplitByRatiosConfig):
+    """A TFDS image-classification dataset: tfds_name ("name", "name/config", "name:version")
+    prepared in data_dir (or prepared there by TFDS when download is on), its tfds_splits pooled
+    into one set of classes (then split by split_ratios / split_seed; [0, 0, 1]: every class a
+    test class, for evaluating runs trained on other data), and the image_key and label_key
+    features."""
+
+    tfds_name: str | None = None
+    tfds_splits: list[str] = field(default_factory=lambda: ["train"])
+    image_key: str = "image"
+    label_key: str = "label"
+    download: bool = True
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        super().check(d, cfg)
+        need(bool(d.tfds_name), "dataset.tfds_name", d.tfds_name, "a TFDS dataset name")
+        need(len(d.tfds_splits) >= 1, "dataset.tfds_splits", list(d.tfds_splits), "TFDS split names")
+        ratios = list(d.split_ratios)
+        if cfg.get("run_dir") is None:  # training, not `metalearn eval`
+            need(
+                ratios[0] > 0 and ratios[1] > 0,
+                "dataset.split_ratios",
+                ratios,
+                "> 0 for train and validation to train ([0, 0, 1] is for metalearn eval)",
+            )

@@ -1,0 +1,221 @@
+"""Layers of the models (metalearn.models): 3x3 and 1x1 convolutions (im2col or XLA),
+batch-statistics BatchNorm with a hand-written VJP, FiLM, and the mixed-precision casts."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = Any
+
+
+def _same_padding(size: int, stride: int, kernel: int) -> tuple[int, int]:
+    """XLA's SAME padding (low, high) for one spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _promote(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both in their common dtype (lax.conv, unlike matmul, does not promote; e.g. a
+    float32 input with the float64 parameters ``init`` makes under jax_enable_x64)."""
+    dtype = jnp.result_type(x, kernel)
+    return x.astype(dtype), kernel.astype(dtype)
+
+
+def conv3x3_im2col(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """SAME 3x3 convolution as patches @ kernel.
+
+    x: (..., H, W, C); kernel: (3, 3, C, F) -> (..., H', W', F) with H' = ceil(H / stride).
+    Numerically equal to ``lax.conv_general_dilated(..., padding="SAME")``.
+    """
+    h, w = x.shape[-3], x.shape[-2]
+    (ph_lo, ph_hi), (pw_lo, pw_hi) = _same_padding(h, stride, 3), _same_padding(w, stride, 3)
+    pad = [(0, 0)] * (x.ndim - 3) + [(ph_lo, ph_hi), (pw_lo, pw_hi), (0, 0)]
+    xp = jnp.pad(x, pad)
+    ho, wo = -(-h // stride), -(-w // stride)
+    # Patch features are ordered (kh, kw, C), matching kernel.reshape(9 * C, F).
+    patches = jnp.concatenate(
+        [
+            xp[..., i : i + (ho - 1) * stride + 1 : stride, j : j + (wo - 1) * stride + 1 : stride, :]
+            for i in range(3)
+            for j in range(3)
+        ],
+        axis=-1,
+    )
+    return patches @ kernel.reshape(-1, kernel.shape[-1])
+
+
+def conv3x3_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """Same contract as :func:`conv3x3_im2col`, through ``lax.conv_general_dilated``."""
+    x, kernel = _promote(x, kernel)
+    lead = x.shape[:-3]
+    y = lax.conv_general_dilated(
+        x.reshape((-1,) + x.shape[-3:]),
+        kernel,
+        window_strides=(stride, stride),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y.reshape(lead + y.shape[1:])
+
+
+def cast_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """x in the compute dtype; dtype None (float32 mode) leaves x untouched."""
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def head_float_dtype(dtype: Any) -> Any:
+    """Dtype of the final layer: float32 under mixed precision, else unchanged (None)."""
+    return None if dtype is None else jnp.promote_types(dtype, jnp.float32)
+
+
+class Conv3x3(nn.Module):
+    """SAME 3x3 convolution (kernel (3, 3, C, F), optional bias (F,)); float32 params.
+
+    dtype: compute dtype (None: that of x and the params). ``use_bias=False`` when a
+    BatchNorm follows (its mean subtraction cancels a bias).
+    """
+
+    features: int
+    stride: int = 1
+    impl: str = "im2col"
+    use_bias: bool = True
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.glorot_uniform(), (3, 3, x.shape[-1], self.features))
+        conv = conv3x3_im2col if self.impl == "im2col" else conv3x3_xla
+        y = conv(cast_to(x, self.dtype), cast_to(kernel, self.dtype), self.stride)
+        if self.use_bias:
+            y = y + cast_to(self.param("bias", nn.initializers.zeros, (self.features,)), self.dtype)
+        return y
+
+
+class Conv1x1(nn.Module):
+    """1x1 convolution without bias (ResNet shortcut), kernel (1, 1, C, F).
+
+    ``impl="im2col"``: a plain matmul over the channel axis (a batched matmul under vmap);
+    ``"xla"``: ``lax.conv_general_dilated``. Both are exactly a per-pixel linear map.
+    """
+
+    features: int
+    impl: str = "im2col"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.glorot_uniform(), (1, 1, x.shape[-1], self.features))
+        x, kernel = cast_to(x, self.dtype), cast_to(kernel, self.dtype)
+        if self.impl == "im2col":
+            return x @ kernel.reshape(kernel.shape[-2:])
+        x, kernel = _promote(x, kernel)
+        lead = x.shape[:-3]
+        y = lax.conv_general_dilated(
+            x.reshape((-1,) + x.shape[-3:]),
+            kernel,
+            window_strides=(1, 1),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y.reshape(lead + y.shape[1:])
+
+
+def _normalize(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """(x - mean) / sqrt(var + epsilon) over every axis but the last, and 1 / sqrt(...)."""
+    axes = tuple(range(x.ndim - 1))
+    centered = x - jnp.mean(x, axis=axes)
+    rstd = lax.rsqrt(jnp.mean(jnp.square(centered), axis=axes) + epsilon)
+    return centered * rstd, rstd
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_stat_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """Batch-statistics normalisation ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    The gradient is written out (the textbook BatchNorm backward: two reductions,
+    ``dx = rstd * (g' - mean(g') - xhat * mean(g' * xhat))`` with ``g' = g * scale``)
+    instead of derived by autodiff from the forward pass, which makes fewer passes over
+    the activations; it is itself plain jax, so second-order MAML differentiates it again.
+    """
+    xhat, _ = _normalize(x, epsilon)
+    return xhat * scale + bias
+
+
+def _batch_stat_norm_fwd(x, scale, bias, epsilon):
+    xhat, rstd = _normalize(x, epsilon)
+    return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _batch_stat_norm_bwd(epsilon, residuals, g):
+    del epsilon
+    xhat, rstd, scale = residuals
+    axes = tuple(range(g.ndim - 1))
+    gx = g * scale
+    dx = rstd * (gx - jnp.mean(gx, axis=axes) - xhat * jnp.mean(gx * xhat, axis=axes))
+    return dx, jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
+
+
+batch_stat_norm.defvjp(_batch_stat_norm_fwd, _batch_stat_norm_bwd)
+
+
+class BatchStatNorm(nn.Module):
+    """BatchNorm that always normalises with the current batch's statistics
+    (:func:`batch_stat_norm`).
+
+    x: (B, ..., F); mean and variance are taken over every axis but the last. A
+    low-precision input (bf16) is normalised in float32 (statistics included) and the
+    result is returned in the input's dtype.
+    """
+
+    epsilon: float = 1e-5
+    # False: offset only (cbfinn/maml's tf.contrib.layers.batch_norm has scale=False).
+    use_scale: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
+        if low_precision is not None:
+            x = x.astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        if self.use_scale:
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        else:  # a constant 1: not a parameter, so neither adapted nor meta-learned
+            scale = jnp.ones((x.shape[-1],), bias.dtype)
+        x, scale = _promote(x, scale)
+        y = batch_stat_norm(x, scale, bias.astype(scale.dtype), self.epsilon)
+        return y if low_precision is None else y.astype(low_precision)
+
+
+def context_or_zeros(context: jax.Array | None, size: int, dtype: Any) -> jax.Array:
+    """The context vector (size,), or zeros (the state every task starts from) if None."""
+    if context is None:
+        return jnp.zeros((size,), dtype)
+    if context.shape != (size,):
+        raise ValueError(f"context must have shape ({size},), got {context.shape}")
+    return context
+
+
+class FiLM(nn.Module):
+    """Feature-wise linear modulation by a context vector (CAVIA, Zintgraf et al. 2019).
+
+    x: (B, ..., F), context: (C,) -> gamma * x + beta with (gamma, beta) = (1 + W_g c, W_b c)
+    + biases, each (F,). The biases start at zero, so context zero is the identity map and
+    an untrained context does not perturb the shared network; the kernel starts random so
+    the context affects the output (a zero kernel would give the context zero gradient).
+    """
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        film = nn.Dense(2 * features, dtype=self.dtype, name="dense")(context)
+        gamma, beta = 1.0 + film[:features], film[features:]
+        return gamma * x + beta
