@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from metalearn.data import IMAGE_DATASETS
+from metalearn.data.class_splits import check_split
+from metalearn.data.rotation import ROTATION_SAMPLING
 from metalearn.errors import ConfigError
 
 
@@ -120,6 +122,10 @@ class DatasetConfig:
     image_size: int = 28
     rotations: bool = True
     split_seed: int = 0
+    # Which classes go to train / validation / test (metalearn/data/class_splits.py): null is
+    # the dataset's own split (Omniglot: random; mini-ImageNet: ravi). Omniglot: random,
+    # alphabets (whole alphabets held out), vinyals, mamlpp, or a split file's path.
+    split: str | None = None
     download: bool = True
     # image_folder: the root folder (one subfolder per class, or train/val/test subfolders
     # each holding class subfolders), channels (1 grey, 3 RGB), and the fractions of classes
@@ -143,9 +149,10 @@ class DatasetConfig:
     # host placement: meta-batches prepared ahead of the accelerator.
     prefetch: int = 2
     # Omniglot with rotations: "classes" (each 90-degree rotation of a character is a class of
-    # its split, so one task may hold two rotations of a character) or "per_task" (cbfinn/maml,
+    # its split, so one task may hold two rotations of a character), "per_task" (cbfinn/maml,
     # data_generator.py: N distinct characters per task, each rotated by its own random
-    # multiple of 90 degrees).
+    # multiple of 90 degrees) or "per_task_train_only" (MAML++'s code: the same for training
+    # tasks only; validation and test tasks unrotated). metalearn/data/rotation.py.
     rotation_sampling: str = "classes"
     # Query examples per class of validation and test tasks; null: k_query (cbfinn/maml tests
     # mini-ImageNet on K queries per class while training on 15).
@@ -394,6 +401,7 @@ def validate(cfg: Any) -> None:
             )
 
     need(d.name in _DATASETS, "dataset.name", d.name, f"one of {list(_DATASETS)}")
+    check_split(d)
     if a.name in _METRIC_ALGOS:
         need(
             d.name != "sinusoid",
@@ -428,12 +436,12 @@ def validate(cfg: Any) -> None:
         )
         need(d.prefetch >= 1, "dataset.prefetch", d.prefetch, ">= 1")
         need(
-            d.rotation_sampling in ("classes", "per_task"),
+            d.rotation_sampling in ROTATION_SAMPLING,
             "dataset.rotation_sampling",
             d.rotation_sampling,
-            "classes or per_task",
+            f"one of {list(ROTATION_SAMPLING)}",
         )
-        if d.rotation_sampling == "per_task":
+        if d.rotation_sampling != "classes":
             need(
                 d.name == "omniglot" and d.rotations,
                 "dataset.rotation_sampling",
@@ -444,7 +452,8 @@ def validate(cfg: Any) -> None:
                 d.placement != "host",
                 "dataset.placement",
                 d.placement,
-                "auto or device with dataset.rotation_sampling=per_task (rotations are drawn on device)",
+                f"auto or device with dataset.rotation_sampling={d.rotation_sampling} (rotations are "
+                "drawn on device)",
             )
         need(
             d.k_query_test is None or d.k_query_test >= 1,

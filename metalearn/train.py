@@ -31,6 +31,7 @@ from metalearn.metrics import JsonlLogger, format_summary, summarize, write_json
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
 from metalearn.preprocess import record_run
+from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.tasks import TaskSource, build_task_source
 
 PyTree = Any
@@ -526,6 +527,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "steps": steps,
+        "protocol": protocol_of(cfg),
         **entries,
         # The preset's published number, if any (conf/experiment/), for reports.
         "paper": dict(cfg.paper) if "paper" in cfg else None,
@@ -535,7 +537,8 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
     steps = adaptation_phrase(cfg.algo.name, cfg.algo.inner_steps_test)
-    return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
+    protocol = f"; {describe_protocol(results['protocol'])}" if "protocol" in results else ""
+    return f"{format_final(results, cfg.eval.split)}{steps}{protocol}; results in {path}"
 
 
 def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:
@@ -759,6 +762,7 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
         f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run_dir}",
         flush=True,
     )
+    say(f"metalearn: protocol: {describe_protocol(protocol_of(cfg))}", flush=True)
     if jax.process_count() > 1:
         say(f"metalearn: {process_note}", flush=True)
     if exp.source.placement_note:

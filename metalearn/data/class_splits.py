@@ -122,7 +122,9 @@ def split_name(dataset: Any) -> str | None:
     value = getattr(dataset, "split", None)
     if value is not None:
         if dataset.name == "omniglot" and is_split_file(value):
-            return f"file {value} (sha256 {file_digest(value)[:12]})"
+            path = Path(value).expanduser()
+            digest = f"sha256 {file_digest(path)[:12]}" if path.is_file() else "file now missing"
+            return f"file {value} ({digest})"
         return value
     name = dataset.name
     if name == "omniglot":
@@ -165,7 +167,9 @@ def _by_alphabet(keys: Iterable[str]) -> dict[str, list[str]]:
     return dict(sorted(groups.items()))
 
 
-def alphabet_split(keys: Iterable[str], targets: tuple[int, int, int], split_seed: int) -> dict[str, list[str]]:
+def alphabet_split(
+    keys: Iterable[str], targets: tuple[int, int, int], split_seed: int
+) -> dict[str, list[str]]:
     """Whole alphabets per split (see the module docstring); ``targets``: the (train,
     validation, test) character counts of the ``random`` split. Characters sorted per split."""
     groups = _by_alphabet(keys)
@@ -193,10 +197,7 @@ def alphabet_split(keys: Iterable[str], targets: tuple[int, int, int], split_see
 def vinyals_classes() -> dict[str, list[str]]:
     """The shipped class lists: ``{split: ["Angelic/character01/rot000", ...]}`` in file order."""
     folder = resources.files("metalearn.data") / "splits" / "vinyals"
-    return {
-        split: (folder / name).read_text().split()
-        for split, name in _VINYALS_FILES.items()
-    }
+    return {split: (folder / name).read_text().split() for split, name in _VINYALS_FILES.items()}
 
 
 def vinyals_characters() -> dict[str, list[str]]:
@@ -266,7 +267,9 @@ def read_split_file(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, l
         raise DataError(f"split file {path}: unreadable ({type(err).__name__}: {first})") from err
     if not isinstance(tree, dict) or set(tree) != set(SPLIT_NAMES):
         found = sorted(map(str, tree)) if isinstance(tree, dict) else type(tree).__name__
-        raise DataError(f"split file {path}: must map exactly train, validation, test to lists, found {found}")
+        raise DataError(
+            f"split file {path}: must map exactly train, validation, test to lists, found {found}"
+        )
     groups = _by_alphabet(keys)
     known = {k for chars in groups.values() for k in chars}
     out: dict[str, list[str]] = {}

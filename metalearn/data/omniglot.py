@@ -26,8 +26,9 @@ Files under ``data_dir`` (argument, else ``$METALEARN_DATA_DIR``, else ``~/tenso
 * ``downloads/``: archives fetched by TFDS; ``downloads/manual/``: default ``manual_dir``;
 * ``metalearn_omniglot_cache/omniglot_<variant>_<size>px_rot<0|1>_seed<seed>_v<N>.npz``
   (``random``; other splits ``..._rot<0|1>_split-<split>_v<N>.npz``, a split file by its
-  sha256): the prepared arrays, so builds of different splits never mix. Later calls load only this file; a corrupt one is rebuilt from the
-  TFDS build (which needs no archives once it exists).
+  sha256): the prepared arrays, so builds of different splits never mix. Later calls load
+  only this file; a corrupt one is rebuilt from the TFDS build (which needs no archives once
+  it exists).
 """
 
 from __future__ import annotations
