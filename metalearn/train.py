@@ -537,7 +537,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
     steps = adaptation_phrase(cfg.algo.name, cfg.algo.inner_steps_test)
-    protocol = f"; {describe_protocol(results['protocol'])}" if "protocol" in results else ""
+    protocol = f"; protocol: {describe_protocol(results['protocol'])}" if "protocol" in results else ""
     return f"{format_final(results, cfg.eval.split)}{steps}{protocol}; results in {path}"
 
 
