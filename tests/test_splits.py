@@ -19,8 +19,10 @@ from metalearn.data import class_splits as cs
 from metalearn.data import omniglot as om
 from metalearn.data import omniglot_tfds as omt
 from metalearn.errors import ConfigError, DataError
+from metalearn.metrics import summarize
 from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.tasks import image_source
+from metalearn.train import final_line
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -294,15 +296,26 @@ def test_protocol_stated_with_results():
     protocol = protocol_of(cfg)
     assert protocol == {
         "split": "alphabets",
+        "split_seed": 0,
         "rotation": "per_task_train_only",
         "n_tasks": 600,
         "queries_per_class": 2,
     }
     assert describe_protocol(protocol) == (
-        "split alphabets, rotation per_task_train_only, 600 tasks x 2 queries per class"
+        "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class"
     )
+    line = final_line(
+        {"test": summarize(np.array([0.5, 0.7]), "accuracy"), "protocol": protocol}, cfg, "r.json"
+    )
+    assert line.endswith(f"; protocol: {describe_protocol(protocol)}; results in r.json"), line
     mini = make_cfg(dataset={"name": "mini_imagenet", "k_query": 15}, eval={"k_query": 5})
-    assert protocol_of(mini) == {"split": "ravi", "rotation": "none", "n_tasks": 600, "queries_per_class": 5}
+    assert protocol_of(mini) == {
+        "split": "ravi",
+        "split_seed": None,
+        "rotation": "none",
+        "n_tasks": 600,
+        "queries_per_class": 5,
+    }
     assert protocol_of(omniglot_cfg(rotations=False))["rotation"] == "none"
     assert protocol_of(omniglot_cfg())["split"] == "random"
 

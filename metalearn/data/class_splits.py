@@ -135,7 +135,16 @@ def split_name(dataset: Any) -> str | None:
         return name
     if name in ("image_folder", "tfds"):
         ratios = "/".join(f"{r:g}" for r in dataset.split_ratios)
-        return f"ratios {ratios}"
+        # image_folder: a folder with train/val/test subfolders is split by them instead.
+        return f"ratios {ratios}" if name == "tfds" else f"train/val/test folders, else ratios {ratios}"
+    return None
+
+
+def split_seed_used(dataset: Any) -> int | None:
+    """``dataset.split_seed`` when the split in effect depends on it, else None."""
+    name, value = dataset.name, getattr(dataset, "split", None)
+    if name == "omniglot" and value in (None, "random", "alphabets") or name in ("image_folder", "tfds"):
+        return int(dataset.split_seed)
     return None
 
 
