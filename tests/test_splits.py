@@ -280,6 +280,7 @@ def test_split_values_each_dataset_takes(tmp_path):
     bad = [
         (omniglot_cfg(split="vinyals"), "variant=standard"),
         (omniglot_cfg(split="nonesuch"), "existing split file"),
+        (omniglot_cfg(split="ravi"), "existing split file"),
         (make_cfg(model={"name": "conv4"}, dataset={"name": "mini_imagenet", "split": "random"}), "'ravi'"),
         (make_cfg(model={"name": "conv4"}, dataset={"name": "cifar_fs", "split": "ravi"}), "no named split"),
         (make_cfg(dataset={"name": "sinusoid", "split": "random"}), "no named split"),

@@ -80,8 +80,9 @@ _ROTATION_SUFFIXES = ("rot000", "rot090", "rot180", "rot270")
 
 
 def is_split_file(value: str) -> bool:
-    """Whether ``dataset.split=value`` names a file rather than a split."""
-    return value not in OMNIGLOT_SPLITS and value not in FIXED_SPLITS.values()
+    """Whether Omniglot's ``dataset.split=value`` names a file rather than a split (a file
+    called like a split is named with a folder: ``./alphabets``)."""
+    return value not in OMNIGLOT_SPLITS
 
 
 def check_split(dataset: Any) -> None:
