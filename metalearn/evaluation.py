@@ -16,6 +16,7 @@ from jax import lax
 from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.metrics import format_summary, summarize
+from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.step import Experiment, TrainState, stream_key
 
 PyTree = Any
@@ -208,6 +209,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "steps": steps,
+        "protocol": protocol_of(cfg),
         **entries,
         # The preset's published number, if any (conf/experiment/), for reports.
         "paper": dict(cfg.paper) if "paper" in cfg else None,
@@ -217,4 +219,5 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
     steps = adaptation_phrase(cfg.algo.name, test_steps(cfg.algo))
-    return f"{format_final(results, cfg.eval.split)}{steps}; results in {path}"
+    protocol = f"; protocol: {describe_protocol(results['protocol'])}" if "protocol" in results else ""
+    return f"{format_final(results, cfg.eval.split)}{steps}{protocol}; results in {path}"

@@ -21,6 +21,7 @@ import optax
 from metalearn.config import need, schema
 from metalearn.data import IMAGE_DATASETS, load_dataset
 from metalearn.data.common import EpisodeConfig
+from metalearn.data.rotation import rotated_splits
 from metalearn.errors import ConfigError
 
 
@@ -306,6 +307,10 @@ def _episode_indices(data: dict[str, Any], key: jax.Array, n_way: int, n_per_cla
     return uniform_indices(key, n_classes, per_class, n_way, n_per_class)
 
 
+# Layout key of a split whose tasks are rotated when sampled (dataset.rotation_sampling).
+_ROTATE_MARK = "rotate_per_task"
+
+
 def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None) -> TaskSource:
     """Classification episodes from per-split images: class-indexed uint8 arrays
     (classes, per_class, H, W, C), or :class:`~metalearn.data.common.ClassImages` when
@@ -313,7 +318,8 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
 
     ``cfg.k_query_test`` (when set) is the query size of the validation and test splits'
     episodes; ``cfg.rotation_sampling="per_task"`` rotates each sampled class by a random
-    multiple of 90 degrees (:func:`rotate_classes`; device sampling only).
+    multiple of 90 degrees (:func:`rotate_classes`; device sampling only), in every split;
+    ``"per_task_train_only"`` in the training split only (:mod:`metalearn.data.rotation`).
 
     Checks that every split can hold the requested episode shape. ``placement`` ("device",
     "host" or "auto"; default ``cfg.placement``) decides where episodes are sampled: on
@@ -322,7 +328,8 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     """
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
     k_query_test = getattr(cfg, "k_query_test", None)
-    per_task_rotations = getattr(cfg, "rotation_sampling", "classes") == "per_task"
+    rotation_sampling = getattr(cfg, "rotation_sampling", "classes")
+    rotate_in = rotated_splits(rotation_sampling)
     # Training episodes may have more (or fewer) ways than evaluation ones (ProtoNets).
     n_way_train = getattr(cfg, "n_way_train", None) or n_way
 
@@ -341,6 +348,10 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
             # The episode size rides along as a static shape (like "slots"), so the one
             # ``sample`` serves every split.
             layouts[split]["episode_slots"] = np.arange(per_class(split), dtype=np.int32)
+        if split in rotate_in:
+            # Its presence (a static part of the pytree) tells ``sample`` to rotate this
+            # split's tasks; ``sample`` serves every split.
+            layouts[split][_ROTATE_MARK] = np.zeros((1,), np.uint8)
     first = next(iter(layouts.values()))["images"]
     input_shape = tuple(first.shape[-3:])
     nbytes = sum(v.nbytes for layout in layouts.values() for v in layout.values())
@@ -353,17 +364,17 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
 
     def sample(data: Any, key: jax.Array) -> Task:
         n = data["episode_slots"].shape[0] if "episode_slots" in data else k_shot + k_query
-        if not per_task_rotations:
+        if _ROTATE_MARK not in data:
             idx = _episode_indices(data, key, n_way, n)
             return episode_from_images(data["images"][idx], k_shot)
         key, rotation_key = jax.random.split(key)
         x = rotate_classes(data["images"][_episode_indices(data, key, n_way, n)], rotation_key)
         return episode_from_images(x, k_shot)
 
-    if per_task_rotations and where == "host":
+    if rotate_in and where == "host":
         raise ConfigError(
-            "invalid dataset.rotation_sampling='per_task': needs episodes sampled on device, but they "
-            f"would be {note} (use dataset.rotation_sampling=classes)"
+            f"invalid dataset.rotation_sampling={rotation_sampling!r}: needs episodes sampled on device, "
+            f"but they would be {note} (use dataset.rotation_sampling=classes)"
         )
     if where == "device":
         splits = {name: jax.tree.map(jnp.asarray, layout) for name, layout in layouts.items()}

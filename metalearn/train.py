@@ -30,6 +30,7 @@ from metalearn.loop_control import BlockLengths, Preempted, StopSignals, any_pro
 from metalearn.metrics import JsonlLogger, format_summary, write_json
 from metalearn.prefetch import HostPrefetcher
 from metalearn.preprocess import record_run
+from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.rundir import commit_record
 from metalearn.step import (
     Experiment,
@@ -267,6 +268,7 @@ def _announce(run: OpenRun) -> None:
         f"{t.meta_batch_size} tasks, devices: {jax.devices()}; run dir {run.run_dir}",
         flush=True,
     )
+    run.say(f"metalearn: protocol: {describe_protocol(protocol_of(cfg))}", flush=True)
     if jax.process_count() > 1:
         run.say(f"metalearn: {run.process_note}", flush=True)
     if source.placement_note:

@@ -81,6 +81,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from metalearn.config import schema
+from metalearn.data import class_splits
 from metalearn.data.common import SPLITS, ArchiveDatasetConfig, load_npz
 from metalearn.data.pipeline import (
     DatasetSpec,
@@ -604,7 +605,15 @@ def load_config(cfg: Any) -> dict[str, np.ndarray]:
 @schema("dataset", "mini_imagenet")
 @dataclass
 class MiniImageNetConfig(ArchiveDatasetConfig):
-    """mini-ImageNet (Ravi & Larochelle's split: 64 / 16 / 20 classes of 600 images)."""
+    """mini-ImageNet; split: its one split, Ravi & Larochelle's 64 / 16 / 20 classes of 600
+    images ("ravi", or null)."""
+
+    split: str | None = None
+
+    @classmethod
+    def check(cls, d: Any, cfg: Any) -> None:
+        super().check(d, cfg)
+        class_splits.check_split(d)
 
     @classmethod
     def episode_limits(cls, d: Any) -> tuple[int, int, str]:

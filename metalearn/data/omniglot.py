@@ -4,9 +4,11 @@
 ``(num_classes, 20, image_size, image_size, 1)`` uint8, strokes 255 on background 0 (the PNGs
 are inverted), resized from 105x105 with PIL's LANCZOS filter.
 
-Character split (the unit that is split is the character, never single drawings): the
-unique keys ``"<alphabet>/<characterNN>"`` are sorted, permuted with
-``np.random.default_rng(split_seed)`` (default seed 0) and cut in that order into
+Character split (the unit that is split is the character, never single drawings): chosen by
+``split`` (``dataset.split``; :mod:`metalearn.data.class_splits`: ``random``, ``alphabets``,
+``vinyals``, ``mamlpp`` or a split file). ``random`` (the default): the unique keys
+``"<alphabet>/<characterNN>"`` are sorted, permuted with ``np.random.default_rng(split_seed)``
+(default seed 0) and cut in that order into
 
 * ``standard`` (1623 characters): 1100 train / 100 validation / 423 test, i.e. the MAML
   protocol's 1200 meta-training characters (validation included) and 423 for testing;
@@ -22,9 +24,11 @@ Files under ``data_dir`` (argument, else ``$METALEARN_DATA_DIR``, else ``~/tenso
 
 * ``metalearn_omniglot/<variant>/1.0.0/``: the TFDS build (array_record, no TensorFlow);
 * ``downloads/``: archives fetched by TFDS; ``downloads/manual/``: default ``manual_dir``;
-* ``metalearn_omniglot_cache/omniglot_<variant>_<size>px_rot<0|1>_seed<seed>_v<N>.npz``:
-  the prepared arrays. Later calls load only this file; a corrupt one is rebuilt from the
-  TFDS build (which needs no archives once it exists).
+* ``metalearn_omniglot_cache/omniglot_<variant>_<size>px_rot<0|1>_seed<seed>_v<N>.npz``
+  (``random``; other splits ``..._rot<0|1>_split-<split>_v<N>.npz``, a split file by its
+  sha256): the prepared arrays, so builds of different splits never mix. Later calls load
+  only this file; a corrupt one is rebuilt from the TFDS build (which needs no archives once
+  it exists).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from metalearn.config import need, one_of, schema
+from metalearn.data import class_splits
 from metalearn.data.common import (
     DATA_DIR_ENV,  # noqa: F401 (re-exported)
     SPLITS,  # noqa: F401 (re-exported)
@@ -67,12 +72,14 @@ from metalearn.data.pipeline import (
     stack_by_class,
     text,
 )
+from metalearn.data.rotation import ROTATION_SAMPLING
 from metalearn.errors import DataError
 
 __all__ = [
     "SPLIT_SIZES",
     "VARIANTS",
     "cache_path",
+    "characters_for",
     "default_data_dir",
     "load_omniglot",
     "omniglot_manual_instructions",
@@ -94,12 +101,17 @@ CACHE_DIRNAME = "metalearn_omniglot_cache"
 
 
 def cache_path(
-    data_dir: str | os.PathLike, variant: str, image_size: int, rotations: bool, split_seed: int
+    data_dir: str | os.PathLike,
+    variant: str,
+    image_size: int,
+    rotations: bool,
+    split_seed: int,
+    split: str | None = None,
 ) -> Path:
     """Path of the ``.npz`` holding the prepared arrays for these settings."""
-    name = (
-        f"omniglot_{variant}_{image_size}px_rot{int(rotations)}_seed{split_seed}_v{CACHE_FORMAT_VERSION}.npz"
-    )
+    tag = class_splits.cache_tag(split, split_seed)
+    which = f"seed{split_seed}" if tag is None else f"split-{tag}"
+    name = f"omniglot_{variant}_{image_size}px_rot{int(rotations)}_{which}_v{CACHE_FORMAT_VERSION}.npz"
     return Path(data_dir).expanduser() / CACHE_DIRNAME / name
 
 
@@ -131,6 +143,20 @@ def split_characters(keys, variant: str, split_seed: int) -> dict[str, list[str]
         "validation": shuffled[n_train : n_train + n_val],
         "test": shuffled[n_train + n_val :],
     }
+
+
+def characters_for(split: str | None, keys, variant: str, split_seed: int) -> dict[str, list[str]]:
+    """``{"train", "validation", "test"}`` -> character keys, by the rule ``split`` (None:
+    ``random``; see :mod:`metalearn.data.class_splits`)."""
+    if split is None or split == "random":
+        return split_characters(keys, variant, split_seed)
+    if split == "alphabets":
+        return class_splits.alphabet_split(keys, split_sizes(variant, len(set(keys))), split_seed)
+    if split == "vinyals":
+        return class_splits.vinyals_split(keys)
+    if split == "mamlpp":
+        return class_splits.mamlpp_split(keys)
+    return class_splits.read_split_file(split, keys)
 
 
 def _to_model_pixels(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -184,6 +210,7 @@ def _read_tfds(
 def _locate(cfg: Any, paths: Paths) -> None:
     check_variant(cfg.variant)
     check_image_size(cfg.image_size)
+    class_splits.check_split(SimpleNamespace(name="omniglot", variant=cfg.variant, split=cfg.split))
 
 
 def _check(cfg: Any, arrays: dict[str, np.ndarray]) -> str | None:
@@ -201,7 +228,8 @@ def _build(cfg: Any, paths: Paths, found: None) -> dict[str, np.ndarray]:
     flat = _to_model_pixels(images.reshape(-1, IMAGE_SIDE, IMAGE_SIDE), size)
     classes = flat.reshape(len(keys), DRAWINGS_PER_CHARACTER, size, size, 1)
     arrays = {}
-    for split, split_keys in split_characters(keys, cfg.variant, cfg.split_seed).items():
+    chosen = characters_for(cfg.split, keys, cfg.variant, cfg.split_seed)
+    for split, split_keys in chosen.items():
         arr = classes[[index[k] for k in split_keys]]
         arrays[split] = _with_rotations(arr) if cfg.rotations else arr
     return arrays
@@ -212,7 +240,7 @@ SPEC = DatasetSpec(
     what="Omniglot",
     cache_dir=CACHE_DIRNAME,
     cache_name=lambda cfg, found: (
-        cache_path(".", cfg.variant, int(cfg.image_size), cfg.rotations, cfg.split_seed).name
+        cache_path(".", cfg.variant, int(cfg.image_size), cfg.rotations, cfg.split_seed, cfg.split).name
     ),
     build=_build,
     locate=_locate,
@@ -229,12 +257,14 @@ def load_omniglot(
     split_seed: int = 0,
     download: bool = True,
     *,
+    split: str | None = None,
     checksums: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Omniglot split by character: ``{"train", "validation", "test"}`` arrays.
 
     Each is ``(num_classes, 20, image_size, image_size, 1)`` uint8, strokes 255, background
-    0; see the module docstring for split sizes, rotations and where files go.
+    0; see the module docstring for split sizes, rotations and where files go. ``split``:
+    ``dataset.split`` (None: ``random``).
 
     ``manual_dir``: folder with the original zip files (default ``<data_dir>/downloads/manual``);
     files there are sha256-verified before use. ``download``: fetch missing archives from
@@ -250,6 +280,7 @@ def load_omniglot(
         image_size=image_size,
         rotations=rotations,
         split_seed=split_seed,
+        split=split,
         download=download,
         checksums=checksums,
     )
@@ -258,18 +289,24 @@ def load_omniglot(
 
 def load_config(cfg: Any) -> dict[str, np.ndarray]:
     """The arrays for a DatasetConfig with ``name=omniglot``."""
-    # rotation_sampling=per_task: unrotated characters; tasks rotate them when sampled
-    # (metalearn/tasks.py).
+    # rotation_sampling=per_task or per_task_train_only: unrotated characters; tasks rotate
+    # them when sampled (metalearn/tasks.py).
     rotations = cfg.rotations and getattr(cfg, "rotation_sampling", "classes") == "classes"
     return load_omniglot(
-        cfg.variant, cfg.manual_dir, cfg.data_dir, cfg.image_size, rotations, cfg.split_seed, cfg.download
+        cfg.variant,
+        cfg.manual_dir,
+        cfg.data_dir,
+        cfg.image_size,
+        rotations,
+        cfg.split_seed,
+        cfg.download,
+        split=getattr(cfg, "split", None),  # absent from configs of older runs
     )
 
 
 # Drawings per character, and characters of the smallest (validation) split per variant.
 DRAWINGS = 20
 VALIDATION_CHARACTERS = {"standard": 100, "small": 20}
-ROTATION_SAMPLING = ("classes", "per_task")
 
 
 @schema("dataset", "omniglot")
@@ -277,20 +314,26 @@ ROTATION_SAMPLING = ("classes", "per_task")
 class OmniglotConfig(ArchiveDatasetConfig):
     """Omniglot: variant "standard" (images_background + images_evaluation, 1623 characters)
     or "small" (the two background-small archives, 242); split_seed permutes the characters
-    before the split; rotations: the 90-degree rotations of each character as extra data,
-    sampled as separate classes of the same split ("classes") or as one random rotation per
-    class per task ("per_task", cbfinn/maml's data_generator.py)."""
+    before the split; split: which characters go to train / validation / test
+    (metalearn/data/class_splits.py: null or random, alphabets, vinyals, mamlpp, or a split
+    file's path); rotations: the 90-degree rotations of each character as extra data, under
+    rotation_sampling (metalearn/data/rotation.py): separate classes of the same split
+    ("classes"), one random rotation per class per task ("per_task", cbfinn/maml's
+    data_generator.py), or that for training tasks only ("per_task_train_only", MAML++'s
+    code)."""
 
     variant: str = "standard"
     rotations: bool = True
     rotation_sampling: str = "classes"
     split_seed: int = 0
+    split: str | None = None
 
     @classmethod
     def check(cls, d: Any, cfg: Any) -> None:
         one_of(d.variant, "dataset.variant", sorted(VALIDATION_CHARACTERS))
         one_of(d.rotation_sampling, "dataset.rotation_sampling", ROTATION_SAMPLING)
-        if d.rotation_sampling == "per_task":
+        class_splits.check_split(d)
+        if d.rotation_sampling != "classes":
             need(
                 d.rotations,
                 "dataset.rotation_sampling",
@@ -301,7 +344,8 @@ class OmniglotConfig(ArchiveDatasetConfig):
                 d.placement != "host",
                 "dataset.placement",
                 d.placement,
-                "auto or device with dataset.rotation_sampling=per_task (rotations are drawn on device)",
+                f"auto or device with dataset.rotation_sampling={d.rotation_sampling} (rotations are "
+                "drawn on device)",
             )
         super().check(d, cfg)
 

@@ -1,0 +1,51 @@
+"""The evaluation protocol a result was obtained under, stated with the result.
+
+:func:`protocol_of` is the ``protocol`` entry of results.json (training and ``metalearn
+eval``); :func:`describe_protocol` is its phrase in the final line and at the start of
+training. Entries: ``split`` (the class split in effect, :mod:`metalearn.data.class_splits`)
+and ``split_seed`` (where it depends on one),
+``rotation`` (the rotation rule, :mod:`metalearn.data.rotation`), ``n_tasks`` (tasks of the
+final evaluation) and ``queries_per_class`` (query examples per class scored in them). The
+BatchNorm mode and the checkpoint rule are to join them as further keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metalearn.data.class_splits import split_name, split_seed_used
+from metalearn.data.rotation import rotation_rule
+
+
+def queries_per_class(cfg: Any, split: str) -> int:
+    """Query examples per class scored in a task of ``split`` at evaluation: dataset.k_query
+    (validation and test: dataset.k_query_test when set), cut to eval.k_query when set."""
+    d = cfg.dataset
+    k_query_test = getattr(d, "k_query_test", None)
+    sampled = d.k_query if split == "train" or k_query_test is None else k_query_test
+    scored = getattr(cfg.eval, "k_query", None)
+    return sampled if scored is None else min(scored, sampled)
+
+
+def protocol_of(cfg: Any) -> dict[str, Any]:
+    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class"}`` of the final
+    evaluation (``split_seed``: None where the split does not depend on it)."""
+    return {
+        "split": split_name(cfg.dataset),
+        "split_seed": split_seed_used(cfg.dataset),
+        "rotation": rotation_rule(cfg.dataset),
+        "n_tasks": int(cfg.eval.n_tasks),
+        "queries_per_class": int(queries_per_class(cfg, cfg.eval.split)),
+    }
+
+
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class"``."""
+    q = protocol["queries_per_class"]
+    seed = protocol.get("split_seed")
+    parts = [] if protocol["split"] is None else [f"split {protocol['split']}"]
+    if seed is not None:
+        parts[-1] += f" (seed {seed})"
+    parts.append(f"rotation {protocol['rotation']}")
+    parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
+    return ", ".join(parts)
