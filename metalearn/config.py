@@ -167,7 +167,7 @@ class TrainerConfig:
     progress: bool = True
     # Checkpoints kept in <run dir>/checkpoints/ (the newest N; older ones are deleted).
     keep_checkpoints: int = 3
-    # Continue from the newest complete checkpoint of hydra.run.dir (see README, Reliability).
+    # Continue from the newest complete checkpoint of hydra.run.dir (see docs/reliability.md).
     resume: bool = False
     # A non-finite loss or gradient: "stop" (exit 2, last checkpoint kept) or "skip" (the
     # update is not applied; the step still advances and is counted in skipped_steps).

@@ -1,6 +1,6 @@
 """A run directory as a guarded resource: locks, atomic writes, unique output folders, checks.
 
-The promise (docs/reliability_guarantees.md): a run dir is never damaged by metalearn.
+The promise (docs/reliability.md, "Run directories"): a run dir is never damaged by metalearn.
 
 - **Locks.** The run dir itself is locked with ``flock`` before anything is written (no lock
   file: taking the lock writes nothing): exclusive for training and resume, shared for eval

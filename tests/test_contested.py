@@ -1,4 +1,4 @@
-"""The contested details (README, "Contested details") against hand-written references.
+"""The contested details (docs/algorithms.md, "Contested details") against hand-written references.
 
 The central check composes the real maml_omniglot_5w1s preset (cbfinn/maml's settings),
 shrinks only the network, and compares one inner step and one meta-gradient in float64

@@ -1,4 +1,4 @@
-"""A run directory is never damaged (issue 23; docs/reliability_guarantees.md): locked while in
+"""A run directory is never damaged (issue 23; docs/reliability.md, "Run directories"): locked while in
 use, checked before anything is written, unique output folders, damaged files named in one line.
 
 Runs are tiny sinusoid trainings (``conftest.SWEEP_TINY`` with an 8x8 MLP); refusals that happen

@@ -9,7 +9,7 @@ respect to theta flows through every inner step (second order: it contains Hessi
 products of L_S). First-order MAML stops the gradient through grad L_S, so
 d theta'_k / d theta = I and the meta-gradient is grad L_Q evaluated at theta'_k.
 
-Switches (conf/algo/maml.yaml; README "Contested details"): ``algo.inner_loss`` /
+Switches (conf/algo/maml.yaml; docs/algorithms.md "Contested details"): ``algo.inner_loss`` /
 ``algo.outer_loss`` ("mean", or cbfinn/maml's "sum_over_shots": per-example cross-entropy
 divided by K and summed, see :func:`~metalearn.algos.base.loss_scale`) and ``algo.adapt_bn``
 (false: BatchNorm parameters are kept fixed in the inner loop and meta-learned only).
