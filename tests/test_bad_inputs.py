@@ -180,18 +180,16 @@ def test_eval_with_corrupt_checkpoints_is_one_line_and_touches_nothing(tiny_swee
 
 def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     """Both jobs pass precheck (every job's values are checked before the first starts, see
-    test_run_directories); the second fails inside its job (no Omniglot archives)."""
-    sweep, empty = tmp_path / "sweep", tmp_path / "no_archives"
-    empty.mkdir()
+    test_run_directories); the second fails inside its job (an inner lr that makes the loss
+    non-finite, found only by training)."""
+    sweep = tmp_path / "sweep"
     proc = run_cli(
         "train",
         "-m",
-        "dataset=sinusoid,omniglot",
-        "dataset.variant=small",
-        "dataset.download=false",
-        f"dataset.manual_dir={empty}",
+        "algo.inner_lr=0.01,1e30",
         *TINY,
         "trainer.steps=5",
+        "trainer.log_every=1",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         check=False,
@@ -202,7 +200,7 @@ def test_sweep_with_a_failing_job_keeps_the_others(tmp_path):
     assert len(jobs) == 2
     ok, bad = jobs
     assert json.loads((ok / "results.json").read_text())["steps"] == 5
-    assert "images_background_small" in (bad / "error.txt").read_text()
+    assert "non-finite" in (bad / "error.txt").read_text()
     assert not (bad / "results.json").exists()
 
 

@@ -290,7 +290,7 @@ def test_report_errors_are_one_line(tiny_run, tmp_path, read_only_dir):
 
 def test_reproduce_unknown_suite_is_one_line():
     code, _, err = run_cli_in_process("reproduce", "no_such_suite")
-    assert "invalid choice: 'no_such_suite'" in _one_line_error(code, err)
+    assert "unknown suite 'no_such_suite'" in _one_line_error(code, err)
 
 
 # 6. Sweeps: every job checked before the first starts, whatever the order.
