@@ -43,7 +43,7 @@ def make_image_folder(root: Path, classes: int = 32, seed: int = 0) -> Path:
 
 
 # Slow tier: the default run trains an image folder in-process (test_predict.folder_run)
-# and checks eval's reproduction on the shared sweep (test_holes_eval).
+# and checks eval's reproduction on the shared sweep (test_evaluation).
 @pytest.mark.slow
 def test_image_folder_train_then_eval(tmp_path):
     images = make_image_folder(tmp_path / "my_images")

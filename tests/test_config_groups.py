@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from metalearn import cli
 from metalearn.config import SCHEMAS, from_stored, register_configs, schemas, validate
+from metalearn.errors import ConfigError
 
 register_configs()
 
@@ -142,3 +143,16 @@ def test_group_checks_run_from_validate():
         validate(make_cfg(algo={"name": "imaml", "lam": -1.0}))
     with pytest.raises(Exception, match=r"invalid model.conv_impl='x'"):
         validate(make_cfg(dataset={"name": "omniglot"}, model={"name": "conv4", "conv_impl": "x"}))
+
+
+@pytest.mark.parametrize(
+    "algo,needle",
+    [
+        ({"name": "caml", "context_size": 0}, "algo.context_size"),
+        ({"name": "reptile", "inner_optimizer": "rmsprop"}, "algo.inner_optimizer"),
+        ({"name": "reptile", "inner_batch_size": -1}, "algo.inner_batch_size"),
+    ],
+)
+def test_new_algo_config_range_checks_name_the_key(algo, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(make_cfg(algo=algo))

@@ -352,3 +352,131 @@ def test_kill_and_resume_is_bitwise_exact_with_the_carried_inner_state(tmp_path)
     # Resuming from a fresh inner state instead would not match: the state is what differs.
     fresh = jax.tree.map(np.zeros_like, b["algo_state"]["nu"])
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(fresh), nu, strict=True))
+
+
+def _sinusoid_problem(cfg) -> Problem:
+    source = sinusoid_source(cfg.dataset)
+    return Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
+
+
+def _tasks(problem: Problem, n: int, seed: int = 1):
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return jax.vmap(problem.source.sample, in_axes=(None, 0))(problem.source.splits["train"], keys)
+
+
+def _task(tasks, i):
+    return jax.tree.map(lambda a: a[i], tasks)
+
+
+def _leaf_norms(tree) -> list[float]:
+    return [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(tree)]
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _explicit_adam_beta1_zero(grad_fn, p, lr, steps, b2=0.999, eps=1e-8):
+    """TF1 Adam with beta1 = 0 written out: m = g, v = b2 v + (1 - b2) g^2,
+    w -= lr sqrt(1 - b2^t) g / (sqrt(v) + eps), from a fresh state (algo.inner_state=reset)."""
+    v = jax.tree.map(jnp.zeros_like, p)
+    for t in range(1, steps + 1):
+        g = grad_fn(p)
+        v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+        lr_t = lr * np.sqrt(1 - b2**t)
+        p = jax.tree.map(lambda w, g, v, a=lr_t: w - a * g / (jnp.sqrt(v) + eps), p, g, v)
+    return p
+
+
+@pytest.mark.parametrize("inner_optimizer,train_on_query", [("sgd", True), ("sgd", False), ("adam", True)])
+def test_reptile_step_is_outer_lr_times_mean_adapted_minus_initial(float64, inner_optimizer, train_on_query):
+    lr, steps, eps_outer, n_tasks = 0.05, 3, 0.3, 4
+    cfg = make_cfg(
+        algo={
+            "name": "reptile",
+            "inner_lr": lr,
+            "inner_steps": steps,
+            "inner_optimizer": inner_optimizer,
+            "train_on_query": train_on_query,
+            "inner_batch_size": 0,
+            "inner_state": "reset",
+        },
+        model={"hidden": [8]},
+    )
+    problem = _sinusoid_problem(cfg)
+    algo = make_algorithm(cfg.algo, problem)
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
+    tasks = jax.tree.map(lambda x: x.astype(jnp.float64), _tasks(problem, n_tasks))
+
+    adapted = []
+    for i in range(n_tasks):
+        t = _task(tasks, i)
+        x, y = t.support_x, t.support_y
+        if train_on_query:
+            x, y = jnp.concatenate([x, t.query_x]), jnp.concatenate([y, t.query_y])
+
+        def grad_fn(p, x=x, y=y):
+            return jax.grad(problem.loss)(p, x, y)
+
+        if inner_optimizer == "sgd":
+            p = params
+            for _ in range(steps):
+                p = jax.tree.map(lambda w, g: w - lr * g, p, grad_fn(p))
+        else:
+            p = _explicit_adam_beta1_zero(grad_fn, params, lr, steps)
+        adapted.append(p)
+    mean_adapted = jax.tree.map(lambda *ws: sum(ws) / n_tasks, *adapted)
+    expected = jax.tree.map(lambda w, m: w + eps_outer * (m - w), params, mean_adapted)
+
+    grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(3), 0)
+    opt = optax.sgd(eps_outer)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    _close(optax.apply_updates(params, updates), expected, rtol=1e-9, atol=1e-12)
+    # Metrics are the adapted weights' query loss.
+    query = [problem.loss(a, _task(tasks, i).query_x, _task(tasks, i).query_y) for i, a in enumerate(adapted)]
+    np.testing.assert_allclose(float(metrics["loss"]), float(sum(query) / n_tasks), rtol=1e-9)
+    assert float(metrics["loss"]) == float(metrics["mse"])
+
+
+def test_reptile_minibatches_cover_each_epoch_without_replacement():
+    idx = np.asarray(minibatch_indices(jax.random.PRNGKey(0), n=6, batch=4, steps=5))
+    assert idx.shape == (5, 4)
+    flat = idx.reshape(-1)
+    for start in range(0, 18, 6):  # 20 draws = 3 full epochs of 6 + 2
+        assert sorted(flat[start : start + 6]) == list(range(6))
+
+    cfg = make_cfg(
+        algo={
+            "name": "reptile",
+            "inner_lr": 0.05,
+            "inner_steps": 4,
+            "inner_optimizer": "sgd",
+            "inner_batch_size": 5,
+        },
+        model={"hidden": [8]},
+    )
+    problem = _sinusoid_problem(cfg)
+    algo = make_algorithm(cfg.algo, problem)
+    params = algo.init(jax.random.PRNGKey(0))
+    t = _task(_tasks(problem, 1), 0)
+    a = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(1), 4)
+    b = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(2), 4)
+    assert max(_leaf_norms(jax.tree.map(jnp.subtract, a, b))) > 0  # batches depend on the key
+
+
+def test_reptile_per_dataset_defaults_switch_the_outer_optimizer_to_sgd():
+    from hydra import compose, initialize_config_dir
+
+    from metalearn.cli import config_dir
+    from metalearn.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        sine = compose(config_name="config", overrides=["algo=reptile"])
+        omni = compose(config_name="config", overrides=["algo=reptile", "dataset=omniglot"])
+        caml = compose(config_name="config", overrides=["algo=caml", "dataset=omniglot"])
+    assert (sine.optim.name, sine.optim.lr, sine.algo.inner_optimizer) == ("sgd", 1.0, "sgd")
+    assert (omni.optim.name, omni.optim.lr) == ("sgd", 1.0)
+    assert (omni.algo.inner_optimizer, omni.algo.inner_lr) == ("adam", 0.001)
+    assert (caml.algo.context_size, caml.algo.inner_lr, caml.model.name) == (100, 1.0, "conv4")

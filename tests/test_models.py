@@ -1,4 +1,6 @@
-"""ResNet-12 and mixed precision (model.compute_dtype) in metalearn.models."""
+"""The models (metalearn/models/): im2col convolutions against lax.conv, Conv4's shapes and
+batch-statistics BatchNorm, ResNet-12 against an independent reference, where FiLM sits, and
+mixed precision (model.compute_dtype)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from conftest import make_cfg
 from jax import lax
 
-from metalearn.models import make_model, with_context
+from metalearn.models import Conv4, FiLM, conv3x3_im2col, conv3x3_xla, make_model, with_context
 
 TINY = [4, 6, 8, 8]
 
@@ -300,3 +302,63 @@ def test_bfloat16_context_model_and_unknown_dtype():
     assert grad_c.dtype == jnp.float32 and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="compute_dtype"):
         make_model(make_cfg(model={"name": "mlp", "compute_dtype": "float16"}).model, (1,), 1)
+
+
+def _film_input_shapes(model, params, x, context):
+    """Shapes of the activations FiLM modulates (captured from the module's forward pass)."""
+    _, state = jax.eval_shape(
+        lambda p: model.module.apply(
+            {"params": p},
+            x,
+            context,
+            capture_intermediates=lambda mdl, _: isinstance(mdl, FiLM),
+            mutable=["intermediates"],
+        ),
+        params,
+    )
+    return [leaf.shape for leaf in jax.tree.leaves(state["intermediates"])]
+
+
+def test_resnet12_film_sits_on_the_third_stage_with_distinct_widths():
+    channels = [3, 5, 7, 9]
+    cfg = make_cfg(model={"name": "resnet12", "channels": channels})
+    model = make_model(cfg.model, (16, 16, 3), 5, context_size=4)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    assert params["film"]["dense"]["kernel"].shape == (4, 2 * 7)
+    # Stages halve the size: 16 -> 8 -> 4 -> 2; the third stage computes at 4x4.
+    shapes = _film_input_shapes(model, params, jnp.zeros((2, 16, 16, 3)), jnp.zeros(4))
+    assert shapes == [(2, 4, 4, 7)]
+
+
+@pytest.mark.parametrize("size,stride,channels", [(28, 2, 1), (7, 2, 3), (8, 1, 2), (5, 2, 4)])
+def test_im2col_conv_equals_lax_conv(size, stride, channels):
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (3, size, size, channels))
+    kernel = jax.random.normal(kk, (3, 3, channels, 5))
+    reference = lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
+    np.testing.assert_allclose(conv3x3_im2col(x, kernel, stride), reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(conv3x3_xla(x, kernel, stride), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_conv4_shapes_and_transductive_batchnorm():
+    model = make_model(make_cfg(model={"name": "conv4"}).model, (28, 28, 1), 5)
+    params = model.init(jax.random.PRNGKey(0))
+    assert params["conv_0"]["kernel"].shape == (3, 3, 1, 64)
+    assert params["head"]["kernel"].shape == (2 * 2 * 64, 5)  # 28 -> 14 -> 7 -> 4 -> 2
+    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 28, 28, 1))
+    out = model.apply(params, x)
+    assert out.shape == (6, 5)
+    # Batch statistics: the prediction for x[0] depends on the rest of the batch.
+    out2 = model.apply(params, x.at[1:].set(0.0))
+    assert not np.allclose(out[0], out2[0])
+
+    pooled = Conv4(out=5, filters=32, downsample="maxpool")
+    p = pooled.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3)))["params"]
+    assert p["head"]["kernel"].shape == (5 * 5 * 32, 5)  # 84 -> 42 -> 21 -> 10 -> 5

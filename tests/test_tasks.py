@@ -1,4 +1,5 @@
-"""Episode sampler and model building blocks."""
+"""Task sources (metalearn/tasks.py): image episodes (disjoint classes, consistent labels,
+impossible shapes refused) and the sinusoid distribution's ranges."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_cfg
-from jax import lax
 
 from metalearn.errors import ConfigError
-from metalearn.models import Conv4, conv3x3_im2col, conv3x3_xla, make_model
-from metalearn.tasks import image_source, sample_episode, sample_sinusoid
+from metalearn.tasks import image_source, sample_episode, sample_sinusoid, sinusoid_source
 
 SPLITS = ("train", "validation", "test")
 
@@ -85,38 +84,41 @@ def test_sinusoid_ranges():
     assert x.min() >= -5 and x.max() <= 5
     assert np.abs(y).max() <= 5.0 + 1e-6
     # Each task's amplitude and phase recovered and checked against their ranges:
-    # test_holes_math.py::test_sinusoid_amplitude_phase_and_x_ranges.
+    # test_sinusoid_amplitude_phase_and_x_ranges below.
 
 
-@pytest.mark.parametrize("size,stride,channels", [(28, 2, 1), (7, 2, 3), (8, 1, 2), (5, 2, 4)])
-def test_im2col_conv_equals_lax_conv(size, stride, channels):
-    kx, kk = jax.random.split(jax.random.PRNGKey(0))
-    x = jax.random.normal(kx, (3, size, size, channels))
-    kernel = jax.random.normal(kk, (3, 3, channels, 5))
-    reference = lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
-    np.testing.assert_allclose(conv3x3_im2col(x, kernel, stride), reference, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(conv3x3_xla(x, kernel, stride), reference, rtol=1e-4, atol=1e-4)
+def test_sinusoid_amplitude_phase_and_x_ranges():
+    amp, phase, x_range = (0.5, 2.0), (0.3, 1.2), (-2.0, 3.0)
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    tasks = jax.vmap(lambda k: sample_sinusoid(k, 6, 6, amp, phase, x_range))(keys)
+    x = np.concatenate([tasks.support_x, tasks.query_x], axis=1)[..., 0].astype(np.float64)
+    y = np.concatenate([tasks.support_y, tasks.query_y], axis=1)[..., 0].astype(np.float64)
+    assert x.min() >= x_range[0] and x.max() <= x_range[1]
+    # x covers its range (uniform): both ends of it are reached within 5%.
+    assert x.min() < x_range[0] + 0.25 and x.max() > x_range[1] - 0.25
+    # Recover each task's amplitude and phase exactly: y = A sin(x - p) = a sin x + b cos x
+    # with a = A cos p, b = -A sin p, a linear least-squares fit over its 12 points.
+    design = np.stack([np.sin(x), np.cos(x)], axis=-1)  # (T, 12, 2)
+    coef = np.stack([np.linalg.lstsq(d, t, rcond=None)[0] for d, t in zip(design, y, strict=True)])
+    fitted = np.einsum("tnk,tk->tn", design, coef)
+    np.testing.assert_allclose(fitted, y, atol=1e-4)  # the tasks are sinusoids of x
+    a_hat = np.hypot(coef[:, 0], coef[:, 1])
+    p_hat = np.arctan2(-coef[:, 1], coef[:, 0])
+    tol = 1e-3
+    assert a_hat.min() >= amp[0] - tol and a_hat.max() <= amp[1] + tol
+    assert p_hat.min() >= phase[0] - tol and p_hat.max() <= phase[1] + tol
+    # ... and fill them (uniform draws): 400 tasks come within 10% of each end.
+    assert a_hat.min() < amp[0] + 0.15 and a_hat.max() > amp[1] - 0.15
+    assert p_hat.min() < phase[0] + 0.09 and p_hat.max() > phase[1] - 0.09
 
 
-def test_conv4_shapes_and_transductive_batchnorm():
-    model = make_model(make_cfg(model={"name": "conv4"}).model, (28, 28, 1), 5)
-    params = model.init(jax.random.PRNGKey(0))
-    assert params["conv_0"]["kernel"].shape == (3, 3, 1, 64)
-    assert params["head"]["kernel"].shape == (2 * 2 * 64, 5)  # 28 -> 14 -> 7 -> 4 -> 2
-    x = jax.random.uniform(jax.random.PRNGKey(1), (6, 28, 28, 1))
-    out = model.apply(params, x)
-    assert out.shape == (6, 5)
-    # Batch statistics: the prediction for x[0] depends on the rest of the batch.
-    out2 = model.apply(params, x.at[1:].set(0.0))
-    assert not np.allclose(out[0], out2[0])
-
-    pooled = Conv4(out=5, filters=32, downsample="maxpool")
-    p = pooled.init(jax.random.PRNGKey(0), jnp.zeros((2, 84, 84, 3)))["params"]
-    assert p["head"]["kernel"].shape == (5 * 5 * 32, 5)  # 84 -> 42 -> 21 -> 10 -> 5
+def test_sinusoid_source_passes_the_config_ranges_to_the_sampler():
+    cfg = make_cfg(dataset={"amp_min": 3.0, "amp_max": 3.5, "x_min": 1.0, "x_max": 1.5})
+    source = sinusoid_source(cfg.dataset)
+    keys = jax.random.split(jax.random.PRNGKey(0), 50)
+    tasks = jax.vmap(source.sample, in_axes=(None, 0))(source.splits["train"], keys)
+    x = np.asarray(tasks.support_x)
+    assert x.min() >= 1.0 and x.max() <= 1.5
+    # Over x in [1, 1.5] and phase in [0, pi], |y| <= A <= 3.5, and some task exceeds 2.
+    y = np.abs(np.asarray(tasks.support_y))
+    assert y.max() <= 3.5 + 1e-5 and y.max() > 2.0

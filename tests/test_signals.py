@@ -1,6 +1,6 @@
-"""Pre-emption and failure paths no other test covered (issue #16): SIGINT (exit 130), a
-second signal while the stop's checkpoint is being written, an exception inside the host
-prefetcher's thread, and an unexpected exception in one job of a sweep."""
+"""Pre-emption and failure paths: SIGINT (exit 130), a second signal while the stop's
+checkpoint is being written, an exception inside the host prefetcher's thread, and an
+unexpected exception in one job of a sweep."""
 
 from __future__ import annotations
 
