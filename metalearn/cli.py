@@ -132,6 +132,19 @@ def _with_stored_overrides(rest: list[str]) -> list[str]:
     return [o for o in previous if _override_key(o) not in given] + rest
 
 
+def _as_group_choices(rest: list[str]) -> list[str]:
+    """``algo.name=X`` (likewise dataset, model) as the group choice ``algo=X``: the name picks
+    the schema, so it is a choice of the group, as in the configs of earlier releases."""
+    out = []
+    for arg in rest:
+        key = _override_key(arg)
+        group = key[: -len(".name")] if key.endswith(".name") else None
+        if group in ("algo", "dataset", "model") and "=" in arg and not arg.startswith(("+", "~")):
+            arg = f"{group}={arg.split('=', 1)[1]}"
+        out.append(arg)
+    return out
+
+
 def _with_run_choices(rest: list[str]) -> list[str]:
     """For ``eval`` and ``predict``: the run's algorithm, model and dataset (from its stored
     config) chosen first, so the command line's ``algo.*``, ``model.*`` and ``dataset.*`` keys
@@ -508,6 +521,7 @@ def _main(argv: list[str] | None) -> None:
 
     register_configs()
     flags = {a.split("=")[0] for a in rest if a.startswith("-")}
+    rest = _as_group_choices(rest)
     rest = _with_stored_overrides(rest) if command == "train" else _with_run_choices(rest)
     if not flags & _HYDRA_INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})

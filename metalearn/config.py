@@ -371,9 +371,14 @@ def validate(cfg: Any) -> None:
 
     Each group checks its own keys (the schemas' ``check``), then the rules between groups.
     """
+    from omegaconf import OmegaConf
+
     for group in SCHEMAS:
         name = cfg[group].name
         one_of(name, f"{group}.name", sorted(schemas(group)))
+        kind = OmegaConf.get_type(cfg[group])
+        if kind not in (dict, schemas(group)[name]):  # a typed section of another choice
+            need(False, f"{group}.name", name, f"the choice's own: use {group}={name} (it picks the schema)")
         schemas(group)[name].check(cfg[group], cfg)
     for group, cls in SECTIONS.items():
         if group in cfg:  # preprocess and attack are absent from hand-built configs of older code
