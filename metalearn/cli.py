@@ -13,6 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+from metalearn.overrides import (
+    as_group_choices,
+    override_key,
+    override_value,
+    user_overrides,
+    with_run_choices,
+    with_stored_overrides,
+)
+
 USAGE = """usage: metalearn <command> [overrides] [hydra flags]
 
 commands:
@@ -78,16 +87,7 @@ def _first_line(err: BaseException) -> str:
 # Set by precheck/_run_guarded (same process as the Hydra jobs): a run dir that did not exist
 # before this command (removed again if its job fails before checkpointing), and the
 # failed/total jobs of a multirun sweep.
-_STATE: dict = {"fresh_run_dir": True, "failed_jobs": [], "jobs": 0, "run_choices": []}
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _override_value(overrides: list[str], key: str) -> str | None:
-    values = [o.split("=", 1)[1] for o in overrides if "=" in o and _override_key(o) == key]
-    return values[-1] if values else None
+_STATE: dict = {"fresh_run_dir": True, "failed_jobs": [], "jobs": 0}
 
 
 def _check_writable(key: str, target: str) -> None:
@@ -109,73 +109,6 @@ def _path_override(key: str, path: str) -> str:
     if re.fullmatch(r"[\w./:@+~-]+", path):
         return f"{key}={path}"
     return f"{key}='" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _with_stored_overrides(rest: list[str]) -> list[str]:
-    """For ``trainer.resume=true hydra.run.dir=DIR`` (not a sweep): DIR's original
-    overrides (DIR/.hydra/overrides.yaml) come first, so the short form resumes the same
-    config; overrides given now still win."""
-    resume = _override_value(rest, "trainer.resume") in ("true", "True")
-    if not resume or "-m" in rest or "--multirun" in rest:
-        return rest
-    run_dir = _override_value(rest, "hydra.run.dir")
-    stored = Path(run_dir or "") / ".hydra" / "overrides.yaml"
-    if run_dir is None or not stored.is_file():
-        return rest
-    from omegaconf import OmegaConf
-
-    try:
-        previous = [str(o) for o in OmegaConf.to_container(OmegaConf.load(stored))]
-    except Exception as err:  # a damaged file: say which, don't guess the config
-        _fail(f"cannot read {stored} ({_first_line(err)}): repeat the run's overrides instead")
-    given = {_override_key(o) for o in rest if not o.startswith("-")}
-    return [o for o in previous if _override_key(o) not in given] + rest
-
-
-def _as_group_choices(rest: list[str]) -> list[str]:
-    """``algo.name=X`` (likewise dataset, model) as the group choice ``algo=X``: the name picks
-    the schema, so it is a choice of the group, as in the configs of earlier releases."""
-    out = []
-    for arg in rest:
-        key = _override_key(arg)
-        group = key[: -len(".name")] if key.endswith(".name") else None
-        if group in ("algo", "dataset", "model") and "=" in arg and not arg.startswith(("+", "~")):
-            arg = f"{group}={arg.split('=', 1)[1]}"
-        out.append(arg)
-    return out
-
-
-def _with_run_choices(rest: list[str]) -> list[str]:
-    """For ``eval`` and ``predict``: the run's algorithm, model and dataset (from its stored
-    config) chosen first, so the command line's ``algo.*``, ``model.*`` and ``dataset.*`` keys
-    compose against the run's own schemas; a ``dataset=`` given now still wins (cross-domain
-    evaluation). The added choices are remembered so that :func:`_user_overrides` can tell
-    them from the user's. A missing or damaged stored config is left to precheck to report."""
-    from omegaconf import OmegaConf
-
-    run_dir = _override_value(rest, "run_dir")
-    stored = Path(run_dir or "") / ".hydra" / "config.yaml"
-    try:
-        config = OmegaConf.to_container(OmegaConf.load(stored))
-        added = [f"{group}={config[group]['name']}" for group in ("algo", "model", "dataset")]
-    except Exception:
-        return rest
-    given = {_override_key(o) for o in rest}
-    added = [o for o in added if _override_key(o) not in given]
-    _STATE["run_choices"] = added
-    return added + rest
-
-
-def _user_overrides(task: list[str]) -> list[str]:
-    """The command line's overrides, without the run's choices :func:`_with_run_choices` added."""
-    added = list(_STATE.get("run_choices", []))
-    out = []
-    for override in task:
-        if override in added:
-            added.remove(override)
-        else:
-            out.append(override)
-    return out
 
 
 def _check_sweep(config_name: str, overrides: list[str]) -> None:
@@ -216,7 +149,7 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
 
         def chosen(group: str, key: str) -> str | None:
             """The group's choice, from the config composed without the offending key."""
-            rest = [o for o in single if _override_key(o) != f"{group}.{key}"]
+            rest = [o for o in single if override_key(o) != f"{group}.{key}"]
             try:
                 with initialize_config_dir(config_dir=config_dir(), version_base=None):
                     return str(compose(config_name=config_name, overrides=rest)[group].name)
@@ -247,7 +180,7 @@ def _precheck_reader(
     if cfg.run_dir is None or not str(cfg.run_dir).strip():
         _fail(f"run_dir is required: metalearn {config_name} run_dir=<a metalearn train run dir>")
     run_dir = Path(cfg.run_dir)
-    target = _override_value(overrides_all, "hydra.run.dir")
+    target = override_value(overrides_all, "hydra.run.dir")
     try:
         load_run_config(run_dir)  # a run dir at all, its config readable: before the lock file
         _check_writable("hydra.run.dir", target if target is not None else str(run_dir / config_name))
@@ -259,7 +192,7 @@ def _precheck_reader(
             )
         if config_name == "predict":
             check_predict_paths(cfg)
-        resolve(cfg.run_dir, _user_overrides(overrides), cfg, config_name)
+        resolve(cfg.run_dir, user_overrides(overrides), cfg, config_name)
     except MetalearnError as err:
         _fail(str(err))
     if target is not None or multirun:  # a sweep's job dirs are Hydra's (hydra.sweep.dir)
@@ -275,7 +208,7 @@ def _precheck_output(overrides: list[str], cfg, multirun: bool, default_dir: str
     from metalearn.rundir import lock_run_dir, run_files, unique_dir
 
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    target = _override_value(overrides, key)
+    target = override_value(overrides, key)
     if target is not None and not target.strip().strip("'\""):
         _fail(f"invalid {key}='': empty (give a folder, or leave it out for a new one under outputs/)")
     _check_writable(key, target if target is not None else "outputs")
@@ -398,7 +331,7 @@ def _train_command(cfg) -> float:
     hc = HydraConfig.get()
     if hc.output_subdir is None and hc.mode.name != "MULTIRUN":
         _defer_hydra_record(cfg, hc.runtime.output_dir)
-    kept = [o for o in hc.overrides.task if _override_key(o) != "trainer.resume"]
+    kept = [o for o in hc.overrides.task if override_key(o) != "trainer.resume"]
     resume = [*kept, "trainer.resume=true", f"hydra.run.dir={hc.runtime.output_dir}"]
     results = train(cfg, hc.runtime.output_dir, "metalearn train " + shlex.join(resume))
     return float(results["test"]["mean"])
@@ -418,7 +351,7 @@ def _defer_hydra_record(cfg, run_dir: str) -> None:
     with read_write(hydra_cfg.hydra), open_dict(hydra_cfg.hydra):  # as if Hydra had written it
         hydra_cfg.hydra.output_subdir = ".hydra"
         hydra_cfg.hydra.overrides.hydra = [
-            o for o in hydra_cfg.hydra.overrides.hydra if _override_key(o) != "hydra.output_subdir"
+            o for o in hydra_cfg.hydra.overrides.hydra if override_key(o) != "hydra.output_subdir"
         ]
     defer_record(
         run_dir,
@@ -437,7 +370,7 @@ def _eval_command(cfg) -> None:
     from metalearn.run_config import resolve
 
     hc = HydraConfig.get()
-    run = resolve(cfg.run_dir, _user_overrides(list(hc.overrides.task)), cfg, "eval")
+    run = resolve(cfg.run_dir, user_overrides(list(hc.overrides.task)), cfg, "eval")
     evaluate(run.cfg, hc.runtime.output_dir, run)
 
 
@@ -449,7 +382,7 @@ def _predict_command(cfg) -> None:
 
     hc = HydraConfig.get()
     run_predict(
-        resolve(cfg.run_dir, _user_overrides(list(hc.overrides.task)), cfg, "predict"), hc.runtime.output_dir
+        resolve(cfg.run_dir, user_overrides(list(hc.overrides.task)), cfg, "predict"), hc.runtime.output_dir
     )
 
 
@@ -518,16 +451,20 @@ def _main(argv: list[str] | None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from metalearn.config import register_configs
+    from metalearn.errors import MetalearnError
 
     register_configs()
     flags = {a.split("=")[0] for a in rest if a.startswith("-")}
-    rest = _as_group_choices(rest)
-    rest = _with_stored_overrides(rest) if command == "train" else _with_run_choices(rest)
+    rest = as_group_choices(rest)
+    try:
+        rest = with_stored_overrides(rest) if command == "train" else with_run_choices(rest)
+    except MetalearnError as err:
+        _fail(str(err))
     if not flags & _HYDRA_INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})
         run_dir = precheck(config_name, [a for a in rest if not a.startswith("-")], multirun)
         if run_dir is not None:
-            rest = [a for a in rest if _override_key(a) != "hydra.run.dir"] + [
+            rest = [a for a in rest if override_key(a) != "hydra.run.dir"] + [
                 _path_override("hydra.run.dir", run_dir)
             ]
         if command == "train" and not multirun:

@@ -180,7 +180,7 @@ def run_cli_in_process(*args: str) -> tuple[int, str, str]:
     out, err = _Sink(), _Sink()
     argv, streams = sys.argv, (sys.stdout, sys.stderr)
     GlobalHydra.instance().clear()
-    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0, run_choices=[])
+    cli._STATE.update(fresh_run_dir=True, failed_jobs=[], jobs=0)
     code = 0
     try:
         # No logging config from Hydra here: its dictConfig would shut down the handlers of

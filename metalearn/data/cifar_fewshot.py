@@ -1,5 +1,8 @@
 """CIFAR-FS and FC100: few-shot splits of CIFAR-100, as class-indexed uint8 arrays.
 
+(Over 500 lines because both datasets share one archive reader and cache, and the module holds
+their published class and superclass lists, about 100 lines of data.)
+
 Both datasets use all 600 images of each CIFAR-100 fine class (its 500 training and 100 test
 images), 32x32x3 uint8 RGB, and split the 100 *classes* (never single images) three ways:
 

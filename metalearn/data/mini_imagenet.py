@@ -1,5 +1,8 @@
 """mini-ImageNet (Vinyals et al., 2016) with the class split of Ravi & Larochelle (2017).
 
+(Over 500 lines because it reads three unrelated file layouts, each with its own checks and
+one-line errors, and holds the split's 100 class ids; splitting it would scatter one dataset.)
+
 100 ImageNet classes, 600 images each, 84x84 RGB: 64 train / 16 validation / 20 test classes
 (:data:`TRAIN_WNIDS`, :data:`VALIDATION_WNIDS`, :data:`TEST_WNIDS`). There is no official
 download, so the files must be placed by hand in ``dataset.manual_dir`` (default
