@@ -52,10 +52,19 @@ _HTTYM_MINI_IMAGENET = {
 _SNELL_OMNIGLOT = {
     # jakesnell/prototypical-networks run_train.py:24: 15 queries per class in test episodes.
     "dataset.k_query_test": 15,
+    # jakesnell/prototypical-networks splits/vinyals/: the Vinyals class split.
+    "dataset.split": "vinyals",
+}
+_HTTYM_OMNIGLOT = {
+    **_HTTYM_HEAD,
+    # HowToTrainYourMAMLPytorch data.py: its own seeded 1150 / 50 / 423 character cut, and one
+    # random rotation per class of a training task only (data.py:92-95).
+    "dataset.split": "mamlpp",
+    "dataset.rotation_sampling": "per_task_train_only",
 }
 INTENDED: dict[str, dict[str, object]] = {
-    "experiment=mamlpp_omniglot_5w1s": _HTTYM_HEAD,
-    "experiment=mamlpp_omniglot_20w1s": _HTTYM_HEAD,
+    "experiment=mamlpp_omniglot_5w1s": _HTTYM_OMNIGLOT,
+    "experiment=mamlpp_omniglot_20w1s": _HTTYM_OMNIGLOT,
     "experiment=mamlpp_miniimagenet_5w1s": _HTTYM_MINI_IMAGENET,
     "experiment=mamlpp_miniimagenet_5w5s": _HTTYM_MINI_IMAGENET,
     "experiment=protonet_omniglot_5w1s": _SNELL_OMNIGLOT,
