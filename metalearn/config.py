@@ -217,6 +217,12 @@ class EvalConfig:
     # queries than the test protocol uses (Reptile's held-out examples).
     k_query: int | None = None
     split: str = "test"
+    # Which parameters are tested (metalearn/selection.py): "last" (the final ones), "best"
+    # (the checkpoint with the best validation metric) or "top_k" (the top_k checkpoints by
+    # validation, each adapting to every task, their outputs averaged: MAML++'s test).
+    # best and top_k checkpoint every validation step and keep those checkpoints.
+    checkpoint: str = "last"
+    top_k: int = 5
 
     @classmethod
     def check(cls, e: Any, cfg: Any) -> None:
@@ -230,6 +236,14 @@ class EvalConfig:
             f">= 1 and <= dataset.k_query = {k_query}, or null",
         )
         one_of(e.split, "eval.split", ("train", "validation", "test"))
+        one_of(getattr(e, "checkpoint", "last"), "eval.checkpoint", ("last", "best", "top_k"))
+        need(getattr(e, "top_k", 5) >= 1, "eval.top_k", getattr(e, "top_k", 5), ">= 1")
+        attack = getattr(cfg, "attack", None)
+        if getattr(e, "checkpoint", "last") == "top_k" and attack is not None and attack.name != "none":
+            raise ConfigError(
+                f"invalid attack={attack.name} with eval.checkpoint=top_k: an attack on the averaged "
+                "outputs of an ensemble is not implemented (use eval.checkpoint=best or last)"
+            )
 
 
 @dataclass
