@@ -149,8 +149,9 @@ def select_checkpoints(cfg: Any, run_dir: str | Path, template: Any, metric: str
         held = ", ".join(str(s) for s in sorted(on_disk)) or "none"
         raise DataError(
             f"{asked} needs the checkpoints of validation step(s) {', '.join(map(str, missing))}, which "
-            f"{run_dir / CHECKPOINT_DIR} does not hold (it holds steps {held}): the run's retention kept "
-            f"only the newest trainer.keep_checkpoints; train with {asked.split(' ')[0]} to keep them"
+            f"{run_dir / CHECKPOINT_DIR} does not hold (it holds steps {held}): retention keeps the newest "
+            "trainer.keep_checkpoints, and the best by validation only as many as the eval.checkpoint "
+            "and eval.top_k the run was trained with"
         )
     states = [restore_step(run_dir, template, v.step) for v in chosen]
     if rule == "top_k":
