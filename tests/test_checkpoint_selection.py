@@ -206,3 +206,11 @@ def test_missing_validation_or_checkpoints_is_one_line(top_k_run, tmp_path):
 
     code, _, err = run_cli_in_process("eval", f"run_dir={run_dir}", "eval.checkpoint=top_k", "attack=fgsm")
     assert code == 2 and err.count("\n") == 1 and "attack=fgsm" in err
+
+
+def test_report_states_the_checkpoint_rule(top_k_run):
+    from metalearn.report import aggregate, find_runs, markdown_table
+
+    (row,) = aggregate(find_runs(top_k_run.parent))
+    assert row.protocol.endswith("top-6 checkpoints by validation, outputs averaged")
+    assert row.protocol in markdown_table([row])
