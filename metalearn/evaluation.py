@@ -37,6 +37,7 @@ def make_evaluator(
     split: str = "test",
     k_query: int | None = None,
     ensemble: bool = False,
+    with_loss: bool = False,
 ):
     """Compile ``(params, data, key, algo_state=()) -> per-task metric (n_tasks,)``.
 
@@ -53,6 +54,9 @@ def make_evaluator(
     stacked on a leading axis: each member adapts to the task from its own parameters and
     state (same task, same key), and the metric is taken of the mean of their K outputs
     (logits for classification, as MAML++'s code averages them; predictions for regression).
+
+    With ``with_loss`` (validation for early stopping or loss ranking) the result is a pair
+    ``(metric, loss)`` of (n_tasks,) arrays: the query loss of each task beside its metric.
 
     With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
     same clean adaptation to the same tasks, the query inputs are attacked against the
@@ -86,7 +90,10 @@ def make_evaluator(
             )
             return source.metric(jnp.mean(member_outputs, axis=0), task.query_y)
         adapted = algo.adapt(params, algo_state, task.support_x, task.support_y, adapt_key, inner_steps)
-        clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+        query_out = algo.predict(params, adapted, task.query_x)
+        clean = source.metric(query_out, task.query_y)
+        if with_loss:
+            return clean, source.loss(query_out, task.query_y)
         if attack is None:
             return clean
         query_loss = lambda x: source.loss(algo.predict(params, adapted, x), task.query_y)
@@ -159,8 +166,11 @@ def evaluate_params(
     fn = evaluator or make_evaluator(
         exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query
     )
-    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
-    return summarize(values, exp.source.metric_name)
+    values = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state)
+    if isinstance(values, tuple):  # (metric, loss): an evaluator made with_loss
+        values, losses = values
+        return {**summarize(np.asarray(values), exp.source.metric_name), "loss": float(np.mean(losses))}
+    return summarize(np.asarray(values), exp.source.metric_name)
 
 
 def evaluate_final(

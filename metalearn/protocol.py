@@ -7,7 +7,8 @@ and ``split_seed`` (where it depends on one),
 ``rotation`` (the rotation rule, :mod:`metalearn.data.rotation`), ``n_tasks`` (tasks of the
 final evaluation), ``queries_per_class`` (query examples per class scored in them),
 ``checkpoint`` (which parameters are tested, eval.checkpoint: last, best or top_k;
-:mod:`metalearn.selection`) and ``top_k`` (the ensemble's size; None unless top_k). The
+:mod:`metalearn.selection`), ``top_k`` (the ensemble's size; None unless top_k) and
+``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last). The
 BatchNorm mode is to join them as a further key.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from metalearn.data.class_splits import split_name, split_seed_used
 from metalearn.data.rotation import rotation_rule
-from metalearn.selection import describe_rule, rule_of
+from metalearn.selection import describe_rule, rank_by, rule_of
 
 
 def queries_per_class(cfg: Any, split: str) -> int:
@@ -32,7 +33,7 @@ def queries_per_class(cfg: Any, split: str) -> int:
 
 def protocol_of(cfg: Any) -> dict[str, Any]:
     """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "checkpoint",
-    "top_k"}`` of the final evaluation (``split_seed``: None where the split does not depend
+    "top_k", "ranked_by"}`` of the final evaluation (``split_seed``: None where the split does not depend
     on it)."""
     return {
         "split": split_name(cfg.dataset),
@@ -42,6 +43,7 @@ def protocol_of(cfg: Any) -> dict[str, Any]:
         "queries_per_class": int(queries_per_class(cfg, cfg.eval.split)),
         "checkpoint": rule_of(cfg),
         "top_k": int(cfg.eval.top_k) if rule_of(cfg) == "top_k" else None,
+        "ranked_by": None if rule_of(cfg) == "last" else rank_by(cfg),
     }
 
 
@@ -56,5 +58,5 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
     parts.append(f"rotation {protocol['rotation']}")
     parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
     if "checkpoint" in protocol:  # results.json of older versions lack it
-        parts.append(describe_rule(protocol["checkpoint"], protocol.get("top_k")))
+        parts.append(describe_rule(protocol["checkpoint"], protocol.get("top_k"), protocol.get("ranked_by")))
     return ", ".join(parts)

@@ -39,6 +39,7 @@ RULES = ("last", "best", "top_k")
 class Validation(NamedTuple):
     step: int
     value: float  # the validation metric's mean over trainer.val_tasks tasks
+    loss: float | None = None  # their mean query loss, where recorded (validation_loss_wanted)
 
 
 class Selection(NamedTuple):
@@ -54,12 +55,24 @@ class Selection(NamedTuple):
     ensemble: bool
 
     def record(self) -> dict[str, Any]:
-        """results.json's ``checkpoints`` entry: the tested steps and their validation metric."""
+        """results.json's ``checkpoints`` entry: the tested steps and their validation metric
+        (or loss, when ranked by it)."""
         return {"rule": self.rule, "steps": self.steps, f"validation_{self.metric}": self.values}
 
 
 def rule_of(cfg: Any) -> str:
     return getattr(cfg.eval, "checkpoint", "last")
+
+
+def rank_by(cfg: Any) -> str:
+    return getattr(cfg.eval, "rank_by", "metric")
+
+
+def validation_loss_wanted(cfg: Any) -> bool:
+    """True when validation must also record the query loss: early stopping watches it, or
+    best/top_k rank by it. Otherwise validation is as it always was."""
+    ranks_by_loss = rule_of(cfg) != "last" and rank_by(cfg) == "loss"
+    return bool(getattr(cfg.trainer, "early_stop_patience", 0)) or ranks_by_loss
 
 
 def members_of(cfg: Any) -> int:
@@ -93,10 +106,27 @@ def higher_is_better(metric: str) -> bool:
     return metric != "mse"
 
 
-def ranked(validations: list[Validation], metric: str, k: int) -> list[Validation]:
-    """The ``k`` best validations, best first (later step first among equals)."""
+def ranked(validations: list[Validation], metric: str, k: int, by: str = "metric") -> list[Validation]:
+    """The ``k`` best validations by ``by`` ("metric" or "loss", lower is better), best first
+    (later step first among equals)."""
+    if by == "loss":
+        return sorted(validations, key=lambda v: (v.loss, -v.step))[:k]
     sign = -1.0 if higher_is_better(metric) else 1.0
     return sorted(validations, key=lambda v: (sign * v.value, -v.step))[:k]
+
+
+def stop_early(validations: list[Validation], patience: int) -> bool:
+    """True once the validation loss has not improved on its lowest value for more than
+    ``patience`` validations in a row (ProtoNet's rule: wait > patience)."""
+    if not patience:
+        return False
+    best, wait = float("inf"), 0
+    for v in validations:
+        if v.loss is not None and v.loss < best:
+            best, wait = v.loss, 0
+        else:
+            wait += 1
+    return wait > patience
 
 
 def read_validations(run_dir: str | Path, metric: str, up_to: int | None = None) -> list[Validation]:
@@ -105,7 +135,7 @@ def read_validations(run_dir: str | Path, metric: str, up_to: int | None = None)
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    by_step: dict[int, float] = {}
+    by_step: dict[int, tuple[float, float | None]] = {}
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
@@ -115,13 +145,14 @@ def read_validations(run_dir: str | Path, metric: str, up_to: int | None = None)
             continue
         step = int(record["step"])
         if up_to is None or step <= up_to:
-            by_step[step] = float(record[metric])
-    return [Validation(s, v) for s, v in sorted(by_step.items())]
+            loss = record.get("loss")
+            by_step[step] = (float(record[metric]), None if loss is None else float(loss))
+    return [Validation(s, v, loss) for s, (v, loss) in sorted(by_step.items())]
 
 
-def protected_steps(validations: list[Validation], metric: str, k: int) -> list[int]:
+def protected_steps(validations: list[Validation], metric: str, k: int, by: str = "metric") -> list[int]:
     """The steps retention must keep for a rule testing ``k`` checkpoints."""
-    return [v.step for v in ranked(validations, metric, k)]
+    return [v.step for v in ranked(validations, metric, k, by)]
 
 
 def select_checkpoints(cfg: Any, run_dir: str | Path, template: Any, metric: str) -> Selection | None:
@@ -140,7 +171,14 @@ def select_checkpoints(cfg: Any, run_dir: str | Path, template: Any, metric: str
             "no validation record (trained with trainer.val_every=0, or stopped before its first "
             "validation): use eval.checkpoint=last"
         )
-    chosen = ranked(validations, metric, members_of(cfg))
+    by = rank_by(cfg)
+    if by == "loss" and any(v.loss is None for v in validations):
+        raise DataError(
+            f"{asked} with eval.rank_by=loss needs the validation loss, which "
+            f"{run_dir / 'metrics.jsonl'} does not record (the run was trained without eval.rank_by=loss "
+            "or trainer.early_stop_patience): use eval.rank_by=metric"
+        )
+    chosen = ranked(validations, metric, members_of(cfg), by)
     if len(chosen) < members_of(cfg):  # as MAML++'s code, which takes what there is
         print(f"metalearn: {asked}: the run validated only {len(chosen)} times; testing those", flush=True)
     on_disk = set(checkpoint_steps(run_dir))
@@ -162,18 +200,19 @@ def select_checkpoints(cfg: Any, run_dir: str | Path, template: Any, metric: str
     return Selection(
         rule,
         [v.step for v in chosen],
-        [v.value for v in chosen],
-        metric,
+        [v.loss if by == "loss" else v.value for v in chosen],
+        "loss" if by == "loss" else metric,
         params,
         algo_state,
         ensemble=rule == "top_k",
     )
 
 
-def describe_rule(rule: str, top_k: int | None) -> str:
+def describe_rule(rule: str, top_k: int | None, by: str | None = None) -> str:
     """The rule's phrase in the final line, e.g. ``"top-5 checkpoints by validation, outputs averaged"``."""
+    what = "validation loss" if by == "loss" else "validation"
     if rule == "best":
-        return "best checkpoint by validation"
+        return f"best checkpoint by {what}"
     if rule == "top_k":
-        return f"top-{top_k} checkpoints by validation, outputs averaged"
+        return f"top-{top_k} checkpoints by {what}, outputs averaged"
     return "last checkpoint"

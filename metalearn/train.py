@@ -38,8 +38,11 @@ from metalearn.selection import (
     members_of,
     needs_validation_checkpoints,
     protected_steps,
+    rank_by,
     read_validations,
     select_checkpoints,
+    stop_early,
+    validation_loss_wanted,
 )
 from metalearn.step import (
     Experiment,
@@ -170,6 +173,7 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
             test_steps(cfg.algo),
             split="validation",
             k_query=getattr(cfg.eval, "k_query", None),
+            with_loss=validation_loss_wanted(cfg),
         )
         if t.val_every
         else None
@@ -190,8 +194,12 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
     # the best by validation so far besides the newest keep_checkpoints (metalearn/selection.py).
     selecting = needs_validation_checkpoints(cfg)
     metric = exp.source.metric_name
-    validations = read_validations(run_dir, metric, up_to=start_step) if selecting else []
-    protected = (lambda: protected_steps(validations, metric, members_of(cfg))) if selecting else None
+    watching = selecting or bool(getattr(t, "early_stop_patience", 0))
+    validations = read_validations(run_dir, metric, up_to=start_step) if watching else []
+    protected = (
+        (lambda: protected_steps(validations, metric, members_of(cfg), rank_by(cfg))) if selecting else None
+    )
+    patience = getattr(t, "early_stop_patience", 0)
     writer = CheckpointWriter(run_dir, t.keep_checkpoints, protected)
     bar = tqdm(
         total=t.steps,
@@ -246,7 +254,16 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
                     _log_train(run, logger, bar, step, values, rate, now - start)
                 if validation_due:
                     val = _validate(run, validator, state, step, logger, bar, start)
-                    validations.append(Validation(step, val["mean"]))
+                    validations.append(Validation(step, val["mean"], val.get("loss")))
+                    if stop_early(validations, patience):
+                        # Checkpointed by the final save below; then the final evaluation.
+                        run.say(
+                            f"metalearn: stopping early at step {step}: the validation loss has not "
+                            f"improved for more than trainer.early_stop_patience={patience} validations",
+                            flush=True,
+                        )
+                        bar.update(n)
+                        break
                 if checkpoint_due:
                     writer.save(state)
                 if stopping:
@@ -275,7 +292,7 @@ def finish_run(run: OpenRun, state: TrainState, timings: dict[str, Any]) -> dict
     results."""
     cfg = run.cfg
     selection = select_checkpoints(cfg, run.run_dir, state, run.exp.source.metric_name)
-    results = final_results(run.exp, state, cfg, cfg.trainer.steps, timings, selection)
+    results = final_results(run.exp, state, cfg, int(state.step), timings, selection)
     if run.main:  # multi-process hook
         write_json(run.run_dir / "results.json", results)
     run.say(final_line(results, cfg, run.run_dir / "results.json"), flush=True)
@@ -337,6 +354,7 @@ def _validate(
             metric: val["mean"],
             "ci95": val["ci95"],
             "n_tasks": val["n_tasks"],
+            **({"loss": val["loss"]} if "loss" in val else {}),
             "time_s": time.perf_counter() - start,
         }
     )

@@ -15,7 +15,7 @@ from conftest import make_cfg, run_cli_in_process
 from metalearn.algos import test_steps as steps_at_test
 from metalearn.checkpoint import CheckpointWriter, checkpoint_steps, restore_step
 from metalearn.evaluation import TEST_STREAM
-from metalearn.selection import Validation, protected_steps, ranked
+from metalearn.selection import Validation, protected_steps, ranked, stop_early
 from metalearn.step import init_state, setup, stream_key
 
 TINY = (
@@ -214,3 +214,32 @@ def test_report_states_the_checkpoint_rule(top_k_run):
     (row,) = aggregate(find_runs(top_k_run.parent))
     assert row.protocol.endswith("top-6 checkpoints by validation, outputs averaged")
     assert row.protocol in markdown_table([row])
+
+
+def test_early_stop_rule_is_protonets_wait_beyond_patience():
+    losses = [3.0, 2.0, 2.5, 2.0, 1.0, 1.5, 1.5]
+    vals = [Validation(10 * (i + 1), 0.0, loss) for i, loss in enumerate(losses)]
+    # wait after each: 0, 0, 1, 2 (2.0 is no strict improvement), 0, 1, 2
+    assert not stop_early(vals[:3], 1) and stop_early(vals[:4], 1)
+    assert not stop_early(vals, 2) and stop_early([*vals, Validation(80, 0.0, 1.2)], 2)
+    assert not stop_early(vals, 0)  # 0: off
+
+
+def test_training_stops_early_on_the_validation_loss(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = ("trainer.steps=400", "optim.lr=0.05", "trainer.early_stop_patience=1")
+    results = _train(run_dir, *overrides, "eval.checkpoint=best", "eval.rank_by=loss")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [Validation(r["step"], r["mse"], r["loss"]) for r in records if r["split"] == "validation"]
+    stops = [v.step for i, v in enumerate(vals) if stop_early(vals[: i + 1], 1)]
+    assert stops == [vals[-1].step] and results["steps"] == vals[-1].step < 400
+    assert max(checkpoint_steps(run_dir)) == vals[-1].step
+    assert results["checkpoints"]["steps"] == [ranked(vals, "mse", 1, "loss")[0].step]
+    assert results["protocol"]["ranked_by"] == "loss"
+
+
+def test_ranking_by_loss_needs_recorded_losses(top_k_run):
+    code, _, err = run_cli_in_process(
+        "eval", f"run_dir={top_k_run}", "eval.checkpoint=best", "eval.rank_by=loss"
+    )
+    assert code == 2 and err.count("\n") == 1 and "does not record" in err

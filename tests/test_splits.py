@@ -307,6 +307,7 @@ def test_protocol_stated_with_results():
         "queries_per_class": 2,
         "checkpoint": "last",
         "top_k": None,
+        "ranked_by": None,
     }
     assert describe_protocol(protocol) == (
         "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class, "
@@ -325,6 +326,7 @@ def test_protocol_stated_with_results():
         "queries_per_class": 5,
         "checkpoint": "last",
         "top_k": None,
+        "ranked_by": None,
     }
     assert protocol_of(omniglot_cfg(rotations=False))["rotation"] == "none"
     assert protocol_of(omniglot_cfg())["split"] == "random"
