@@ -34,6 +34,9 @@ ADDED: dict[str, object] = {
     # Which parameters are tested (metalearn/selection.py); "last" is the final ones, as before.
     "eval.checkpoint": "last",
     "eval.top_k": 5,
+    "eval.rank_by": "metric",
+    # Early stopping on the validation loss (metalearn/selection.py); 0 is never.
+    "trainer.early_stop_patience": 0,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
