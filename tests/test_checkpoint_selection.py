@@ -243,3 +243,18 @@ def test_ranking_by_loss_needs_recorded_losses(top_k_run):
         "eval", f"run_dir={top_k_run}", "eval.checkpoint=best", "eval.rank_by=loss"
     )
     assert code == 2 and err.count("\n") == 1 and "does not record" in err
+
+
+def test_resumed_run_ranks_the_validations_before_it(tmp_path):
+    """Retention after a resume counts the validations logged before it: a step made the best
+    by its record before the resume stays on disk and is tested."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, "eval.checkpoint=top_k", "eval.top_k=2", "trainer.steps=30")
+    assert 20 in checkpoint_steps(run_dir)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if r["split"] == "validation" and r["step"] == 20:
+            r["mse"] = 0.0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    resumed = _train(run_dir, "eval.checkpoint=top_k", "eval.top_k=2", "trainer.resume=true")
+    assert resumed["checkpoints"]["steps"][0] == 20 and 20 in checkpoint_steps(run_dir)
