@@ -147,7 +147,9 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
     """Meta-steps from ``run.state`` to ``trainer.steps``, in blocks of steps per compiled
     call (:class:`BlockLengths`): train metrics logged every ``log_every`` steps to
     metrics.jsonl, validation every ``val_every``, a checkpoint every ``checkpoint_every``
-    and at the end. Returns the final state and the timings for results.json
+    and at the end (with eval.checkpoint=best/top_k also at every validation step, the best
+    by validation kept: metalearn/selection.py). ``trainer.early_stop_patience`` ends the
+    loop early once the validation loss stops improving. Returns the final state and the timings for results.json
     (``train_time_s``, ``compile_time_s``).
 
     A non-finite loss or gradient norm at a logged or checkpointed step raises
