@@ -149,8 +149,8 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
     metrics.jsonl, validation every ``val_every``, a checkpoint every ``checkpoint_every``
     and at the end (with eval.checkpoint=best/top_k also at every validation step, the best
     by validation kept: metalearn/selection.py). ``trainer.early_stop_patience`` ends the
-    loop early once the validation loss stops improving. Returns the final state and the timings for results.json
-    (``train_time_s``, ``compile_time_s``).
+    loop early once the validation loss stops improving. Returns the final state and the
+    timings for results.json (``train_time_s``, ``compile_time_s``).
 
     A non-finite loss or gradient norm at a logged or checkpointed step raises
     :class:`TrainingError` (``trainer.on_nan=skip``: counted instead). A first
