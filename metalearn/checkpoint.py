@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,16 @@ def _manager(run_dir: Path, keep: int | None, create: bool):
 
 
 class CheckpointWriter:
-    """Saves a state per step into run_dir/checkpoints/, keeping the newest ``keep``."""
+    """Saves a state per step into run_dir/checkpoints/, keeping the newest ``keep``.
 
-    def __init__(self, run_dir: str | Path, keep: int):
-        self._manager = _manager(Path(run_dir), keep, create=True)
+    ``protected`` (eval.checkpoint=best or top_k): returns the steps that must stay besides
+    the newest ``keep`` (the best by validation so far); every other step is deleted after
+    each save. None: orbax's own newest-``keep`` retention, as always.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, protected: Callable[[], Iterable[int]] | None = None):
+        self._keep, self._protected = keep, protected
+        self._manager = _manager(Path(run_dir), keep if protected is None else None, create=True)
 
     def save(self, state: Any) -> None:
         import orbax.checkpoint as ocp
@@ -83,6 +90,16 @@ class CheckpointWriter:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(step_dir / MANIFEST_NAME)
+        if self._protected is not None:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Delete every step that is neither among the newest ``keep`` nor protected."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        kept = set(steps[: self._keep]) | {int(s) for s in self._protected()}
+        for step in steps:
+            if step not in kept:
+                self._manager.delete(step)
 
     def close(self) -> None:
         self._manager.close()
@@ -283,6 +300,30 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
     finally:
         manager.close()
     raise DataError(f"no usable checkpoint in {run_dir / CHECKPOINT_DIR}: {'; '.join(failures)}")
+
+
+def restore_step(run_dir: str | Path, template: Any, step: int) -> Any:
+    """The checkpoint of ``step`` in run_dir, restored into ``template``'s shape; DataError
+    (one line) if it is absent, incomplete or damaged (nothing is set aside)."""
+    import orbax.checkpoint as ocp
+
+    step_dir = Path(run_dir) / CHECKPOINT_DIR / str(step)
+    if not step_dir.is_dir():
+        raise DataError(f"no checkpoint of step {step} in {step_dir.parent}")
+    manager = _manager(Path(run_dir), None, create=False)
+    try:
+        _verify(step_dir)
+        check_params_fit(step_dir, template)
+        with _quiet_restore():
+            restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+        _check_like(restored, template, step)
+        return restored
+    except CheckpointMismatch:
+        raise
+    except Exception as err:  # any read/parse failure means: not usable
+        raise DataError(f"checkpoint {step_dir} is unusable ({_first_line(err)})") from None
+    finally:
+        manager.close()
 
 
 def load_checkpoint(run_dir: str | Path, template: Any) -> Any:

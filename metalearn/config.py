@@ -179,6 +179,11 @@ class TrainerConfig:
     # Also write TensorBoard event files (run dir /tensorboard/); needs the `tensorboard`
     # extra (tensorboardX): pip install "metalearn[tensorboard]".
     tensorboard: bool = False
+    # Stop when the validation loss has not improved (strictly) for more than this many
+    # validations in a row (ProtoNet's early stopping, jakesnell/prototypical-networks
+    # scripts/train/few_shot/train.py:99-114, patience 200 epochs); 0: never. The validation
+    # records then carry the mean query loss ("loss").
+    early_stop_patience: int = 0
     # Multi-host: "auto" calls jax.distributed.initialize() when the environment describes
     # a multi-process job (SLURM with more than one task, or JAX_COORDINATOR_ADDRESS);
     # "on" always calls it, "off" never.
@@ -205,6 +210,14 @@ class TrainerConfig:
         one_of(t.on_nan, "trainer.on_nan", ("stop", "skip"))
         need(t.steps_per_call >= 0, "trainer.steps_per_call", t.steps_per_call, ">= 0 (0: automatic)")
         one_of(t.distributed, "trainer.distributed", ("auto", "on", "off"))
+        patience = getattr(t, "early_stop_patience", 0)
+        need(patience >= 0, "trainer.early_stop_patience", patience, ">= 0 (0: no early stopping)")
+        need(
+            not patience or t.val_every > 0,
+            "trainer.early_stop_patience",
+            patience,
+            "0 with trainer.val_every=0 (early stopping watches the validation loss)",
+        )
 
 
 @dataclass
@@ -217,6 +230,16 @@ class EvalConfig:
     # queries than the test protocol uses (Reptile's held-out examples).
     k_query: int | None = None
     split: str = "test"
+    # Which parameters are tested (metalearn/selection.py): "last" (the final ones), "best"
+    # (the checkpoint with the best validation metric) or "top_k" (the top_k checkpoints by
+    # validation, each adapting to every task, their outputs averaged: MAML++'s test).
+    # best and top_k checkpoint every validation step and keep those checkpoints.
+    checkpoint: str = "last"
+    top_k: int = 5
+    # What best and top_k rank by: "metric" (validation accuracy or mse, as MAML++) or "loss"
+    # (the validation query loss, as ProtoNet's best_model.pt; needs validation records with
+    # a loss: trained with this setting or with trainer.early_stop_patience).
+    rank_by: str = "metric"
 
     @classmethod
     def check(cls, e: Any, cfg: Any) -> None:
@@ -230,6 +253,15 @@ class EvalConfig:
             f">= 1 and <= dataset.k_query = {k_query}, or null",
         )
         one_of(e.split, "eval.split", ("train", "validation", "test"))
+        one_of(getattr(e, "checkpoint", "last"), "eval.checkpoint", ("last", "best", "top_k"))
+        need(getattr(e, "top_k", 5) >= 1, "eval.top_k", getattr(e, "top_k", 5), ">= 1")
+        one_of(getattr(e, "rank_by", "metric"), "eval.rank_by", ("metric", "loss"))
+        attack = getattr(cfg, "attack", None)
+        if getattr(e, "checkpoint", "last") == "top_k" and attack is not None and attack.name != "none":
+            raise ConfigError(
+                f"invalid attack={attack.name} with eval.checkpoint=top_k: an attack on the averaged "
+                "outputs of an ensemble is not implemented (use eval.checkpoint=best or last)"
+            )
 
 
 @dataclass

@@ -17,6 +17,7 @@ from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.metrics import format_summary, summarize
 from metalearn.protocol import describe_protocol, protocol_of
+from metalearn.selection import Selection
 from metalearn.step import Experiment, TrainState, stream_key
 
 PyTree = Any
@@ -35,6 +36,8 @@ def make_evaluator(
     attack: Attack | None = None,
     split: str = "test",
     k_query: int | None = None,
+    ensemble: bool = False,
+    with_loss: bool = False,
 ):
     """Compile ``(params, data, key, algo_state=()) -> per-task metric (n_tasks,)``.
 
@@ -46,6 +49,14 @@ def make_evaluator(
 
     ``k_query`` (eval.k_query): score only the first ``k_query`` query examples per class
     of each sampled task (None: all of them).
+
+    With ``ensemble`` (eval.checkpoint=top_k), ``params`` and ``algo_state`` hold K members
+    stacked on a leading axis: each member adapts to the task from its own parameters and
+    state (same task, same key), and the metric is taken of the mean of their K outputs
+    (logits for classification, as MAML++'s code averages them; predictions for regression).
+
+    With ``with_loss`` (validation for early stopping or loss ranking) the result is a pair
+    ``(metric, loss)`` of (n_tasks,) arrays: the query loss of each task beside its metric.
 
     With ``attack`` the result is a pair ``(clean, robust)`` of (n_tasks,) arrays: after the
     same clean adaptation to the same tasks, the query inputs are attacked against the
@@ -68,8 +79,21 @@ def make_evaluator(
         if k_query is not None:
             task = task._replace(query_x=first_queries(task.query_x), query_y=first_queries(task.query_y))
         _, adapt_key = jax.random.split(key)
+        if ensemble:
+            member_outputs = lax.map(
+                lambda member: algo.predict(
+                    member[0],
+                    algo.adapt(member[0], member[1], task.support_x, task.support_y, adapt_key, inner_steps),
+                    task.query_x,
+                ),
+                (params, algo_state),
+            )
+            return source.metric(jnp.mean(member_outputs, axis=0), task.query_y)
         adapted = algo.adapt(params, algo_state, task.support_x, task.support_y, adapt_key, inner_steps)
-        clean = source.metric(algo.predict(params, adapted, task.query_x), task.query_y)
+        query_out = algo.predict(params, adapted, task.query_x)
+        clean = source.metric(query_out, task.query_y)
+        if with_loss:
+            return clean, source.loss(query_out, task.query_y)
         if attack is None:
             return clean
         query_loss = lambda x: source.loss(algo.predict(params, adapted, x), task.query_y)
@@ -142,8 +166,11 @@ def evaluate_params(
     fn = evaluator or make_evaluator(
         exp, n_tasks, cfg.eval.batch_size, inner_steps, split=split, k_query=k_query
     )
-    values = np.asarray(fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state))
-    return summarize(values, exp.source.metric_name)
+    values = fn(params, _split_data(exp, split), stream_key(cfg.seed, stream), algo_state)
+    if isinstance(values, tuple):  # (metric, loss): an evaluator made with_loss
+        values, losses = values
+        return {**summarize(np.asarray(values), exp.source.metric_name), "loss": float(np.mean(losses))}
+    return summarize(np.asarray(values), exp.source.metric_name)
 
 
 def evaluate_final(
@@ -154,12 +181,25 @@ def evaluate_final(
     n_tasks: int,
     inner_steps: int,
     algo_state: PyTree = (),
+    ensemble: bool = False,
 ) -> dict[str, Any]:
     """The final evaluation's results entries: ``test`` (clean summary) and, when
     ``cfg.attack`` names an attack, ``test_robust`` (same format, on attacked query sets of
-    the same tasks) and ``attack`` (its settings)."""
+    the same tasks) and ``attack`` (its settings). ``ensemble``: ``params`` and ``algo_state``
+    hold stacked members whose outputs are averaged (:func:`make_evaluator`; no attack)."""
     attack_cfg = getattr(cfg, "attack", None)
     attack = attack_from_config(attack_cfg, exp.source.input_range)
+    if ensemble:
+        fn = make_evaluator(
+            exp,
+            n_tasks,
+            cfg.eval.batch_size,
+            inner_steps,
+            split=split,
+            k_query=getattr(cfg.eval, "k_query", None),
+            ensemble=True,
+        )
+        return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps, algo_state, fn)}
     if attack is None:
         return {"test": evaluate_params(exp, params, cfg, split, n_tasks, inner_steps, algo_state)}
     stream = VALIDATION_STREAM if split == "validation" else TEST_STREAM
@@ -188,19 +228,34 @@ def format_final(entries: dict[str, Any], split: str) -> str:
     return line
 
 
-def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entries: dict) -> dict[str, Any]:
+def final_results(
+    exp: Experiment,
+    state: TrainState | None,
+    cfg: Any,
+    steps: int,
+    entries: dict,
+    selection: Selection | None = None,
+) -> dict[str, Any]:
     """results.json for ``state``: :func:`evaluate_final` on ``cfg.eval.split`` after
     ``cfg.algo.inner_steps_test`` inner steps, what was evaluated, ``steps``, then the caller's
-    ``entries`` (timings, run folder) and the preset's published number."""
+    ``entries`` (timings, run folder) and the preset's published number.
+
+    ``selection``: the checkpoints eval.checkpoint=best/top_k chose
+    (:func:`metalearn.selection.select_checkpoints`), tested instead of ``state`` and
+    recorded as ``checkpoints`` (their steps and validation metric); None: ``state``."""
+    tested = state if selection is None else selection
+    params, algo_state = tested.params, tested.algo_state
     final = evaluate_final(
         exp,
-        state.params,
+        params,
         cfg,
         cfg.eval.split,
         cfg.eval.n_tasks,
         test_steps(cfg.algo),
-        state.algo_state,
+        algo_state,
+        ensemble=selection is not None and selection.ensemble,
     )
+    chosen = {} if selection is None else {"checkpoints": selection.record()}
     return {
         **final,
         "split": cfg.eval.split,
@@ -210,6 +265,7 @@ def final_results(exp: Experiment, state: TrainState, cfg: Any, steps: int, entr
         "seed": cfg.seed,
         "steps": steps,
         "protocol": protocol_of(cfg),
+        **chosen,
         **entries,
         # The preset's published number, if any (conf/experiment/), for reports.
         "paper": dict(cfg.paper) if "paper" in cfg else None,

@@ -5,8 +5,11 @@ eval``); :func:`describe_protocol` is its phrase in the final line and at the st
 training. Entries: ``split`` (the class split in effect, :mod:`metalearn.data.class_splits`)
 and ``split_seed`` (where it depends on one),
 ``rotation`` (the rotation rule, :mod:`metalearn.data.rotation`), ``n_tasks`` (tasks of the
-final evaluation) and ``queries_per_class`` (query examples per class scored in them). The
-BatchNorm mode and the checkpoint rule are to join them as further keys.
+final evaluation), ``queries_per_class`` (query examples per class scored in them),
+``checkpoint`` (which parameters are tested, eval.checkpoint: last, best or top_k;
+:mod:`metalearn.selection`), ``top_k`` (the ensemble's size; None unless top_k) and
+``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last). The
+BatchNorm mode is to join them as a further key.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from metalearn.data.class_splits import split_name, split_seed_used
 from metalearn.data.rotation import rotation_rule
+from metalearn.selection import describe_rule, rank_by, rule_of
 
 
 def queries_per_class(cfg: Any, split: str) -> int:
@@ -28,19 +32,24 @@ def queries_per_class(cfg: Any, split: str) -> int:
 
 
 def protocol_of(cfg: Any) -> dict[str, Any]:
-    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class"}`` of the final
-    evaluation (``split_seed``: None where the split does not depend on it)."""
+    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "checkpoint",
+    "top_k", "ranked_by"}`` of the final evaluation (``split_seed``: None where the split does not depend
+    on it)."""
     return {
         "split": split_name(cfg.dataset),
         "split_seed": split_seed_used(cfg.dataset),
         "rotation": rotation_rule(cfg.dataset),
         "n_tasks": int(cfg.eval.n_tasks),
         "queries_per_class": int(queries_per_class(cfg, cfg.eval.split)),
+        "checkpoint": rule_of(cfg),
+        "top_k": int(cfg.eval.top_k) if rule_of(cfg) == "top_k" else None,
+        "ranked_by": None if rule_of(cfg) == "last" else rank_by(cfg),
     }
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
-    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class"``."""
+    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class, last
+    checkpoint"``."""
     q = protocol["queries_per_class"]
     seed = protocol.get("split_seed")
     parts = [] if protocol["split"] is None else [f"split {protocol['split']}"]
@@ -48,4 +57,6 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         parts[-1] += f" (seed {seed})"
     parts.append(f"rotation {protocol['rotation']}")
     parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
+    if "checkpoint" in protocol:  # results.json of older versions lack it
+        parts.append(describe_rule(protocol["checkpoint"], protocol.get("top_k"), protocol.get("ranked_by")))
     return ", ".join(parts)

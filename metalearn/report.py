@@ -20,6 +20,8 @@ belong together. Per configuration the table shows
 * ``seed_std``: the standard deviation of the per-seed means (ddof=1), the spread one
   should expect from rerunning with another seed. Compare it with ``ci95`` before reading
   much into a difference between configurations.
+* ``protocol``: how the runs were evaluated, as their final line states it (split, rotation,
+  test tasks, which checkpoint was tested; metalearn/protocol.py).
 
 Failed runs (a run dir with ``error.txt``, or without ``results.json``) are counted per
 configuration and listed; a configuration without any finished run is marked ``failed``.
@@ -77,6 +79,9 @@ class Row:
     ci95: float | None = None
     seed_std: float | None = None
     paper: dict[str, Any] = field(default_factory=dict)
+    # The evaluation protocol of its runs (metalearn/protocol.py: split, rotation, tasks, the
+    # checkpoint rule), as the final line states it; "" for runs of versions before it.
+    protocol: str = ""
 
     @property
     def finished(self) -> list[Run]:
@@ -178,6 +183,7 @@ def aggregate(runs: list[Run]) -> list[Row]:
         done = row.finished
         if done:
             tests = [r.results["test"] for r in done]
+            row.protocol = _protocols(done)
             row.metric = tests[0]["metric"]
             means = [t["mean"] for t in tests]
             row.mean, row.ci95 = _pooled(means, [t["ci95"] for t in tests], [t["n_tasks"] for t in tests])
@@ -186,6 +192,14 @@ def aggregate(runs: list[Run]) -> list[Row]:
                 row.seed_std = math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1))
         rows.append(row)
     return rows
+
+
+def _protocols(runs: list[Run]) -> str:
+    """The protocol phrase of ``runs`` (distinct phrases joined by " / ": mixed runs show it)."""
+    from metalearn.protocol import describe_protocol
+
+    phrases = [describe_protocol(r.results["protocol"]) for r in runs if "protocol" in r.results]
+    return " / ".join(dict.fromkeys(phrases))
 
 
 def sort_rows(rows: list[Row], by: str = "metric") -> list[Row]:
@@ -250,6 +264,7 @@ CSV_FIELDS = [
     "paper_source",
     "status",
     "run_dirs",
+    "protocol",
 ]
 
 
@@ -274,6 +289,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                     "paper_source": r.paper.get("source", ""),
                     "status": _status(r),
                     "run_dirs": " ".join(str(x.path) for x in r.runs),
+                    "protocol": r.protocol,
                 }
             )
 
@@ -282,8 +298,8 @@ def markdown_table(rows: list[Row], plots: dict[str, Path] | None = None, base: 
     """The results table (accuracy in %, MSE as is) with links to the learning curves."""
     lines = [
         "| configuration | metric | seeds | ours (mean ± 95% CI) | seed std | paper | ours − paper "
-        "| status | curves |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| status | curves | protocol |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         metric = r.metric or r.paper.get("metric", "")
@@ -295,7 +311,7 @@ def markdown_table(rows: list[Row], plots: dict[str, Path] | None = None, base: 
         lines.append(
             f"| `{r.label}` | {metric}{unit} | {seeds} | {_pm(r.mean, r.ci95, metric)} | "
             f"{_fmt(r.seed_std, metric)} | {paper} | {_fmt(r.diff, metric, signed=True)} | "
-            f"{_status(r)} | {link} |"
+            f"{_status(r)} | {link} | {r.protocol} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -32,6 +32,18 @@ from metalearn.prefetch import HostPrefetcher
 from metalearn.preprocess import record_run
 from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.rundir import commit_record
+from metalearn.selection import (
+    Validation,
+    check_training,
+    members_of,
+    needs_validation_checkpoints,
+    protected_steps,
+    rank_by,
+    read_validations,
+    select_checkpoints,
+    stop_early,
+    validation_loss_wanted,
+)
 from metalearn.step import (
     Experiment,
     TrainState,
@@ -77,6 +89,7 @@ def open_run(cfg: Any, run_dir: str | Path) -> OpenRun:
     Bad input (ConfigError) is raised before anything is written.
     """
     validate(cfg)
+    check_training(cfg)
     t = cfg.trainer
     # Multi-process hook (metalearn.distributed): join the job before any device use; all
     # processes share process 0's run dir, and only process 0 writes files and prints.
@@ -134,8 +147,10 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
     """Meta-steps from ``run.state`` to ``trainer.steps``, in blocks of steps per compiled
     call (:class:`BlockLengths`): train metrics logged every ``log_every`` steps to
     metrics.jsonl, validation every ``val_every``, a checkpoint every ``checkpoint_every``
-    and at the end. Returns the final state and the timings for results.json
-    (``train_time_s``, ``compile_time_s``).
+    and at the end (with eval.checkpoint=best/top_k also at every validation step, the best
+    by validation kept: metalearn/selection.py). ``trainer.early_stop_patience`` ends the
+    loop early once the validation loss stops improving. Returns the final state and the
+    timings for results.json (``train_time_s``, ``compile_time_s``).
 
     A non-finite loss or gradient norm at a logged or checkpointed step raises
     :class:`TrainingError` (``trainer.on_nan=skip``: counted instead). A first
@@ -160,6 +175,7 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
             test_steps(cfg.algo),
             split="validation",
             k_query=getattr(cfg.eval, "k_query", None),
+            with_loss=validation_loss_wanted(cfg),
         )
         if t.val_every
         else None
@@ -176,7 +192,17 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
     metrics_path = run_dir / "metrics.jsonl"
     logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard) if run.main else NullLogger()
     _announce(run)
-    writer = CheckpointWriter(run_dir, t.keep_checkpoints)
+    # eval.checkpoint=best/top_k: every validation step is checkpointed, and retention keeps
+    # the best by validation so far besides the newest keep_checkpoints (metalearn/selection.py).
+    selecting = needs_validation_checkpoints(cfg)
+    metric = exp.source.metric_name
+    watching = selecting or bool(getattr(t, "early_stop_patience", 0))
+    validations = read_validations(run_dir, metric, up_to=start_step) if watching else []
+    protected = (
+        (lambda: protected_steps(validations, metric, members_of(cfg), rank_by(cfg))) if selecting else None
+    )
+    patience = getattr(t, "early_stop_patience", 0)
+    writer = CheckpointWriter(run_dir, t.keep_checkpoints, protected)
     bar = tqdm(
         total=t.steps,
         initial=start_step,
@@ -209,7 +235,12 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
                     # collective), so a signal is acted on at the next log step, once the
                     # processes have agreed that one of them received it.
                     stopping = log_due and any_process_signalled(stop)
-                checkpoint_due = stopping or (bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
+                validation_due = bool(t.val_every) and step % t.val_every == 0
+                checkpoint_due = (
+                    stopping
+                    or (bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
+                    or (selecting and validation_due)
+                )
                 if log_due or checkpoint_due:
                     # The only host sync between logs. Every checkpoint follows this check
                     # of its own step, so a non-finite state never reaches disk.
@@ -223,8 +254,18 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
                     rate = (step - last_step) / (now - last_time) if step > last_step else float("nan")
                     last_time, last_step = now, step
                     _log_train(run, logger, bar, step, values, rate, now - start)
-                if t.val_every and step % t.val_every == 0:
-                    _validate(run, validator, state, step, logger, bar, start)
+                if validation_due:
+                    val = _validate(run, validator, state, step, logger, bar, start)
+                    validations.append(Validation(step, val["mean"], val.get("loss")))
+                    if stop_early(validations, patience):
+                        # Checkpointed by the final save below; then the final evaluation.
+                        run.say(
+                            f"metalearn: stopping early at step {step}: the validation loss has not "
+                            f"improved for more than trainer.early_stop_patience={patience} validations",
+                            flush=True,
+                        )
+                        bar.update(n)
+                        break
                 if checkpoint_due:
                     writer.save(state)
                 if stopping:
@@ -248,10 +289,12 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
 
 
 def finish_run(run: OpenRun, state: TrainState, timings: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the final ``state`` (:func:`final_results`), write results.json and print
-    the result line; returns the results."""
+    """Evaluate the final ``state``, or the checkpoints eval.checkpoint chooses
+    (:func:`final_results`), write results.json and print the result line; returns the
+    results."""
     cfg = run.cfg
-    results = final_results(run.exp, state, cfg, cfg.trainer.steps, timings)
+    selection = select_checkpoints(cfg, run.run_dir, state, run.exp.source.metric_name)
+    results = final_results(run.exp, state, cfg, int(state.step), timings, selection)
     if run.main:  # multi-process hook
         write_json(run.run_dir / "results.json", results)
     run.say(final_line(results, cfg, run.run_dir / "results.json"), flush=True)
@@ -291,8 +334,9 @@ def _log_train(
 
 def _validate(
     run: OpenRun, validator: Any, state: TrainState, step: int, logger: Any, bar: Any, start: float
-) -> None:
-    """Evaluate ``state`` on ``trainer.val_tasks`` validation tasks and log the summary."""
+) -> dict[str, Any]:
+    """Evaluate ``state`` on ``trainer.val_tasks`` validation tasks, log the summary and
+    return it."""
     cfg, metric = run.cfg, run.exp.source.metric_name
     t = cfg.trainer
     val = evaluate_params(
@@ -312,11 +356,13 @@ def _validate(
             metric: val["mean"],
             "ci95": val["ci95"],
             "n_tasks": val["n_tasks"],
+            **({"loss": val["loss"]} if "loss" in val else {}),
             "time_s": time.perf_counter() - start,
         }
     )
     if run.main:
         bar.write(f"step {step}: validation {format_summary(val)}")
+    return val
 
 
 def _check_finite(values: dict[str, float], step: int, run_dir: Path) -> None:

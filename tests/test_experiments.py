@@ -53,6 +53,8 @@ TINY = [
     "trainer.val_every=0",
     "trainer.checkpoint_every=0",
     "trainer.progress=false",
+    # No validation, so the final parameters (the MAML++ presets test a validation ensemble).
+    "eval.checkpoint=last",
     "eval.n_tasks=2",
     "eval.batch_size=2",
 ]

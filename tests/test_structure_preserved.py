@@ -31,6 +31,12 @@ ADDED: dict[str, object] = {
     "optim.weight_decay": 0.0,
     # The class split (metalearn/data/class_splits.py); null is the dataset's own, as before.
     "dataset.split": None,
+    # Which parameters are tested (metalearn/selection.py); "last" is the final ones, as before.
+    "eval.checkpoint": "last",
+    "eval.top_k": 5,
+    "eval.rank_by": "metric",
+    # Early stopping on the validation loss (metalearn/selection.py); 0 is never.
+    "trainer.early_stop_patience": 0,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
@@ -38,13 +44,20 @@ ADDED_RESULTS = ("protocol",)
 # Intentional value changes of presets after the recording (the evaluation-protocol audit,
 # shared/reviews/protocol-audit.md): "experiment=<preset>" -> {dotted key: new value}, applied
 # to the recorded values before comparing. Each follows the authors' code named beside it.
-_HTTYM_HEAD = {
+_HTTYM_ALL = {
     # HowToTrainYourMAMLPytorch meta_neural_network_architectures.py:116: the linear head's
     # weight from nn.init.xavier_uniform_ (Glorot uniform).
     "model.head_init": "glorot_uniform",
+    # HowToTrainYourMAMLPytorch experiment_builder.py:247-290, :371: the test is an ensemble of
+    # the 5 checkpoints with the best validation accuracy, logits averaged; its candidates are
+    # the epochs (500 meta-steps), each validated on num_evaluation_tasks=600 tasks (:327-352).
+    "eval.checkpoint": "top_k",
+    "eval.top_k": 5,
+    "trainer.val_every": 500,
+    "trainer.val_tasks": 600,
 }
 _HTTYM_MINI_IMAGENET = {
-    **_HTTYM_HEAD,
+    **_HTTYM_ALL,
     # HowToTrainYourMAMLPytorch few_shot_learning_system.py:332-335: every meta-gradient
     # element clamped to [-10, 10] for imagenet datasets.
     "optim.clip_value": 10.0,
@@ -56,7 +69,7 @@ _SNELL_OMNIGLOT = {
     "dataset.split": "vinyals",
 }
 _HTTYM_OMNIGLOT = {
-    **_HTTYM_HEAD,
+    **_HTTYM_ALL,
     # HowToTrainYourMAMLPytorch data.py: its own seeded 1150 / 50 / 423 character cut, and one
     # random rotation per class of a training task only (data.py:92-95).
     "dataset.split": "mamlpp",
