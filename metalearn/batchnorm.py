@@ -168,7 +168,9 @@ def with_bn_stats(
             return plain.adapt(meta, own(algo_state), sx, sy, key, steps)
         if mode == "running":
             moments = algo_state.running
-            return build(normalising_with(model, moments)).adapt(meta, own(algo_state), sx, sy, key, steps), moments
+            return build(normalising_with(model, moments)).adapt(
+                meta, own(algo_state), sx, sy, key, steps
+            ), moments
         adapted = plain.adapt(meta, own(algo_state), sx, sy, key, steps)
         sink: list = []
         build(recording(model, sink)).predict(meta, adapted, sx)
@@ -181,4 +183,6 @@ def with_bn_stats(
         fixed = build(normalising_with(model, moments))
         return per_query(lambda q: fixed.predict(meta, adapted, q), x)
 
-    return MetaLearner(init=plain.init, init_state=init_state, meta_grad=meta_grad, adapt=adapt, predict=predict)
+    return MetaLearner(
+        init=plain.init, init_state=init_state, meta_grad=meta_grad, adapt=adapt, predict=predict
+    )

@@ -5,8 +5,9 @@ eval``); :func:`describe_protocol` is its phrase in the final line and at the st
 training. Entries: ``split`` (the class split in effect, :mod:`metalearn.data.class_splits`)
 and ``split_seed`` (where it depends on one),
 ``rotation`` (the rotation rule, :mod:`metalearn.data.rotation`), ``n_tasks`` (tasks of the
-final evaluation) and ``queries_per_class`` (query examples per class scored in them). The
-BatchNorm mode and the checkpoint rule are to join them as further keys.
+final evaluation), ``queries_per_class`` (query examples per class scored in them) and
+``bn_stats`` (the BatchNorm statistics at evaluation, :mod:`metalearn.batchnorm`; None for a
+model without BatchNorm). The checkpoint rule is to join them as a further key.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 
 from metalearn.data.class_splits import split_name, split_seed_used
 from metalearn.data.rotation import rotation_rule
+
+# How the final line names each BatchNorm mode (model.bn_stats).
+BN_PHRASES = {
+    "batch": "BatchNorm batch statistics (transductive)",
+    "support": "BatchNorm support-set moments",
+    "running": "BatchNorm running averages",
+}
 
 
 def queries_per_class(cfg: Any, split: str) -> int:
@@ -28,19 +36,21 @@ def queries_per_class(cfg: Any, split: str) -> int:
 
 
 def protocol_of(cfg: Any) -> dict[str, Any]:
-    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class"}`` of the final
-    evaluation (``split_seed``: None where the split does not depend on it)."""
+    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "bn_stats"}`` of the
+    final evaluation (``split_seed``: None where the split does not depend on it)."""
     return {
         "split": split_name(cfg.dataset),
         "split_seed": split_seed_used(cfg.dataset),
         "rotation": rotation_rule(cfg.dataset),
         "n_tasks": int(cfg.eval.n_tasks),
         "queries_per_class": int(queries_per_class(cfg, cfg.eval.split)),
+        "bn_stats": getattr(cfg.model, "bn_stats", None),
     }
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
-    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class"``."""
+    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class, BatchNorm
+    batch statistics (transductive)"``."""
     q = protocol["queries_per_class"]
     seed = protocol.get("split_seed")
     parts = [] if protocol["split"] is None else [f"split {protocol['split']}"]
@@ -48,4 +58,6 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         parts[-1] += f" (seed {seed})"
     parts.append(f"rotation {protocol['rotation']}")
     parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
+    if protocol.get("bn_stats") is not None:  # results.json of older runs have no such key
+        parts.append(BN_PHRASES.get(protocol["bn_stats"], f"BatchNorm {protocol['bn_stats']}"))
     return ", ".join(parts)
