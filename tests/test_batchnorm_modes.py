@@ -4,18 +4,28 @@ transductive mode does depend on them; running averages are what the docs say th
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cfg, synthetic_image_arrays
+from conftest import make_cfg, run_cli_in_process, synthetic_image_arrays
+from omegaconf import OmegaConf
+from PIL import Image
 
 from metalearn.algos import ALGORITHMS, Problem
 from metalearn.batchnorm import BatchNormState, with_bn_stats
 from metalearn.errors import ConfigError
 from metalearn.models import make_model
+from metalearn.predict import run_predict
+from metalearn.protocol import BN_PHRASES
+from metalearn.run_config import resolve
 from metalearn.step import init_state, make_meta_step, setup, step_task_keys
 from metalearn.tasks import image_source
+from metalearn.train import train
 
 N_WAY, K_SHOT, K_QUERY, SIZE = 3, 2, 3, 8
 
@@ -122,3 +132,102 @@ def test_running_without_running_averages_is_refused():
     _, exp = _experiment("maml", "batch", blocks=1)
     with pytest.raises(ConfigError, match="model.bn_stats='running'.*no running averages"):
         with_bn_stats(cfg.algo, Problem(model, exp.source), "running", False, 0.1)
+
+
+@pytest.fixture(scope="module")
+def image_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny ProtoNet runs on an image folder: trained with bn_stats=running and =batch."""
+    root = tmp_path_factory.mktemp("bn_runs")
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        (root / "images" / f"c{c}").mkdir(parents=True)
+        pattern = rng.random((16, 16)) > 0.5
+        for i in range(5):
+            noisy = pattern ^ (rng.random((16, 16)) > 0.9)
+            Image.fromarray((noisy * 255).astype(np.uint8)).save(root / "images" / f"c{c}" / f"{i}.png")
+    runs = {}
+    for mode in ("running", "batch"):
+        cfg = make_cfg(
+            dataset={
+                "name": "image_folder",
+                "path": str(root / "images"),
+                "data_dir": str(root / "data"),
+                "n_way": 2,
+                "k_shot": 1,
+                "k_query": 2,
+                "image_size": 16,
+                "channels": 1,
+                "split_ratios": [0.5, 0.25, 0.25],
+            },
+            model={"name": "conv4", "filters": 4, "blocks": 2, "bn_stats": mode},
+            algo={"name": "protonet"},
+            trainer={
+                "steps": 3,
+                "meta_batch_size": 2,
+                "val_every": 0,
+                "checkpoint_every": 0,
+                "progress": False,
+            },
+            eval={"n_tasks": 4, "batch_size": 4},
+        )
+        run = root / mode
+        (run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+        train(cfg, run)
+        runs[mode] = run
+    return runs
+
+
+def _results_of(stdout: str) -> dict:
+    return json.loads(Path(stdout.strip().splitlines()[-1].split("results in ")[1]).read_text())
+
+
+def test_eval_and_predict_honour_an_override_and_say_which_mode(image_runs, tmp_path):
+    run = image_runs["running"]
+    trained = json.loads((run / "results.json").read_text())
+    assert trained["protocol"]["bn_stats"] == "running"
+    accuracies = {}
+    for mode, phrase in BN_PHRASES.items():
+        code, out, err = run_cli_in_process("eval", f"run_dir={run}", f"model.bn_stats={mode}")
+        assert code == 0, err
+        results = _results_of(out)
+        assert results["protocol"]["bn_stats"] == mode and phrase in out.strip().splitlines()[-1]
+        accuracies[mode] = results["test"]
+    # The same checkpoint, tasks and mode as the end of training: the same numbers.
+    assert {k: v for k, v in accuracies["running"].items() if not k.endswith("_s")} == {
+        k: v for k, v in trained["test"].items() if not k.endswith("_s")
+    }
+
+    support = tmp_path / "support"
+    for c in ("c6", "c7"):
+        (support / c).mkdir(parents=True)
+        src = image_runs["running"].parent / "images" / c / "0.png"
+        (support / c / "0.png").write_bytes(src.read_bytes())
+    query = image_runs["running"].parent / "images" / "c6"
+    probabilities = {}
+    for mode, phrase in BN_PHRASES.items():
+        overrides = [f"run_dir={run}", f"support={support}", f"query={query}", f"model.bn_stats={mode}"]
+        composed = make_cfg(support=str(support), query=str(query))
+        said = []
+        out = tmp_path / f"predict_{mode}"
+        summary = run_predict(
+            resolve(run, overrides, composed, "predict"), out, say=lambda m, _said=said, **k: _said.append(m)
+        )
+        assert summary["bn_stats"] == mode and phrase in said[-1]
+        probabilities[mode] = (out / "predictions.csv").read_text()
+    # The mode is used, not only named: each normalises the queries differently.
+    assert len(set(probabilities.values())) == 3
+
+
+def test_running_on_a_run_without_running_averages_is_one_line(image_runs):
+    run = image_runs["batch"]
+    message = (
+        "invalid model.bn_stats='running': the run was trained with model.bn_stats=batch, so its "
+        "checkpoint holds no running averages (use batch or support, or train with running)"
+    )
+    code, out, err = run_cli_in_process("eval", f"run_dir={run}", "model.bn_stats=running")
+    assert code == 2
+    assert err.strip().splitlines() == [f"metalearn: error: {message}"]
+    overrides = [f"run_dir={run}", f"support={run}", f"query={run}", "model.bn_stats=running"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(run, overrides, make_cfg(support=str(run), query=str(run)), "predict")
