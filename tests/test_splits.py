@@ -305,9 +305,11 @@ def test_protocol_stated_with_results():
         "rotation": "per_task_train_only",
         "n_tasks": 600,
         "queries_per_class": 2,
+        "bn_stats": "batch",
     }
     assert describe_protocol(protocol) == (
-        "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class"
+        "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class, "
+        "BatchNorm batch statistics (transductive)"
     )
     line = final_line(
         {"test": summarize(np.array([0.5, 0.7]), "accuracy"), "protocol": protocol}, cfg, "r.json"
@@ -320,6 +322,7 @@ def test_protocol_stated_with_results():
         "rotation": "none",
         "n_tasks": 600,
         "queries_per_class": 5,
+        "bn_stats": None,  # make_cfg's default model, the MLP, has no BatchNorm
     }
     assert protocol_of(omniglot_cfg(rotations=False))["rotation"] == "none"
     assert protocol_of(omniglot_cfg())["split"] == "random"
