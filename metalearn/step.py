@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metalearn.algos import MetaLearner, Problem
+from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
@@ -61,8 +62,6 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     its state keeps running averages when the run was trained with bn_stats=running
     (``trained_bn_stats``: the run's own mode where eval or predict overrides it; default
     ``model.bn_stats``)."""
-    from metalearn.batchnorm import bn_stats_of, with_bn_stats
-
     source = source if source is not None else build_task_source(cfg.dataset)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
     mode = bn_stats_of(cfg.model)
