@@ -28,20 +28,22 @@ def evaluate(cfg: Any, out_dir: str | Path, run: Any = None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cross = None
+    # The run's own BatchNorm mode decides whether its checkpoint holds running averages.
+    trained_bn_stats = run.trained_bn_stats if run is not None else None
     if run is not None and run.cross_domain:
         from metalearn.crossdomain import cross_domain_source, dataset_summary
 
         if run.record_note:
             print(f"metalearn: {run.record_note}", flush=True)
         source, info = cross_domain_source(cfg, run.record)
-        exp = setup(cfg, source)
+        exp = setup(cfg, source, trained_bn_stats)
         cross = {
             "trained_on": dataset_summary(run.train_dataset),
             "evaluated_on": {**dataset_summary(cfg.dataset), **info},
             "preprocessing": run.record,
         }
     else:
-        exp = setup(cfg)
+        exp = setup(cfg, None, trained_bn_stats)
     template = init_state(exp, cfg.seed)
     # eval.checkpoint=best/top_k: the checkpoints chosen by validation (metalearn/selection.py).
     selection = select_checkpoints(cfg, Path(cfg.run_dir), template, exp.source.metric_name)

@@ -44,6 +44,7 @@ from metalearn.data.image_folder import IMAGE_EXTENSIONS
 from metalearn.errors import DataError
 from metalearn.metrics import write_json
 from metalearn.preprocess import describe, describe_applied, read_image_files
+from metalearn.protocol import BN_PHRASES
 
 QUERY_BATCH = 1024
 
@@ -164,7 +165,7 @@ def _read_csv(path: Path, columns: tuple[int, ...], what: str) -> np.ndarray:
     return arr
 
 
-def _problem(cfg: Any, record: dict):
+def _problem(cfg: Any, record: dict, trained_bn_stats: str | None = None):
     """Model and algorithm for the run's recorded input and head, without its dataset."""
     from metalearn.step import setup
     from metalearn.tasks import TaskSource
@@ -176,15 +177,16 @@ def _problem(cfg: Any, record: dict):
     input_range = None if kind == "regression" else (0.0, 1.0)
     shape = tuple(int(d) for d in record["input_shape"])
     source = TaskSource(kind, shape, int(record["outputs"]), {}, no_sampler, input_range)
-    return setup(cfg, source)
+    return setup(cfg, source, trained_bn_stats)
 
 
-def load_trained(cfg: Any, record: dict):
-    """(experiment, train state) of the run in ``cfg.run_dir`` (newest usable checkpoint)."""
+def load_trained(cfg: Any, record: dict, trained_bn_stats: str | None = None):
+    """(experiment, train state) of the run in ``cfg.run_dir`` (newest usable checkpoint);
+    ``trained_bn_stats``: the run's own model.bn_stats where ``cfg`` overrides it."""
     from metalearn.checkpoint import load_checkpoint
     from metalearn.step import init_state
 
-    exp = _problem(cfg, record)
+    exp = _problem(cfg, record, trained_bn_stats)
     state = load_checkpoint(Path(cfg.run_dir), init_state(exp, cfg.seed))
     return exp, state
 
@@ -243,14 +245,17 @@ def _write_summary(
         "inner_steps_test": steps,
         "checkpoint_step": int(state.step),
         "seed": int(cfg.seed),
+        # The BatchNorm statistics the queries were normalised with (None: no BatchNorm).
+        "bn_stats": getattr(cfg.model, "bn_stats", None),
         **fields,
         "predictions": str(csv_path),
     }
     write_json(csv_path.parent / "summary.json", summary)
     query, support, score = said
+    bn = summary["bn_stats"]
     say(
         f"predicted {query} with {cfg.algo.name}{adaptation_phrase(cfg.algo.name, steps)} on "
-        f"{support}: {score}; predictions in {csv_path}",
+        f"{support}{'' if bn is None else ', ' + BN_PHRASES[bn]}: {score}; predictions in {csv_path}",
         flush=True,
     )
     return summary
@@ -285,7 +290,7 @@ def run_predict(run: Any, out_dir: str | Path, say=print) -> dict:
         f"query {describe_applied(q_done, record)}",
         flush=True,
     )
-    exp, state = load_trained(cfg, record)
+    exp, state = load_trained(cfg, record, run.trained_bn_stats)
     to_float = lambda x: x.astype(np.float32) / 255.0
     logits = adapt_and_predict(exp, state, to_float(sx), support_y, to_float(qx), steps, cfg.seed)
     probs = _softmax(logits[:, : len(classes)])

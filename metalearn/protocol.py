@@ -6,10 +6,10 @@ training. Entries: ``split`` (the class split in effect, :mod:`metalearn.data.cl
 and ``split_seed`` (where it depends on one),
 ``rotation`` (the rotation rule, :mod:`metalearn.data.rotation`), ``n_tasks`` (tasks of the
 final evaluation), ``queries_per_class`` (query examples per class scored in them),
-``checkpoint`` (which parameters are tested, eval.checkpoint: last, best or top_k;
-:mod:`metalearn.selection`), ``top_k`` (the ensemble's size; None unless top_k) and
-``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last). The
-BatchNorm mode is to join them as a further key.
+``bn_stats`` (the BatchNorm statistics at evaluation, :mod:`metalearn.batchnorm`; None for a
+model without BatchNorm), ``checkpoint`` (which parameters are tested, eval.checkpoint: last,
+best or top_k; :mod:`metalearn.selection`), ``top_k`` (the ensemble's size; None unless
+top_k) and ``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last).
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ from typing import Any
 from metalearn.data.class_splits import split_name, split_seed_used
 from metalearn.data.rotation import rotation_rule
 from metalearn.selection import describe_rule, rank_by, rule_of
+
+# How the final line names each BatchNorm mode (model.bn_stats).
+BN_PHRASES = {
+    "batch": "BatchNorm batch statistics (transductive)",
+    "support": "BatchNorm support-set moments",
+    "running": "BatchNorm running averages",
+}
 
 
 def queries_per_class(cfg: Any, split: str) -> int:
@@ -32,15 +39,16 @@ def queries_per_class(cfg: Any, split: str) -> int:
 
 
 def protocol_of(cfg: Any) -> dict[str, Any]:
-    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "checkpoint",
-    "top_k", "ranked_by"}`` of the final evaluation (``split_seed``: None where the split does not depend
-    on it)."""
+    """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "bn_stats",
+    "checkpoint", "top_k", "ranked_by"}`` of the final evaluation (``split_seed``: None where the
+    split does not depend on it)."""
     return {
         "split": split_name(cfg.dataset),
         "split_seed": split_seed_used(cfg.dataset),
         "rotation": rotation_rule(cfg.dataset),
         "n_tasks": int(cfg.eval.n_tasks),
         "queries_per_class": int(queries_per_class(cfg, cfg.eval.split)),
+        "bn_stats": getattr(cfg.model, "bn_stats", None),
         "checkpoint": rule_of(cfg),
         "top_k": int(cfg.eval.top_k) if rule_of(cfg) == "top_k" else None,
         "ranked_by": None if rule_of(cfg) == "last" else rank_by(cfg),
@@ -48,8 +56,8 @@ def protocol_of(cfg: Any) -> dict[str, Any]:
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
-    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class, last
-    checkpoint"``."""
+    """E.g. ``"split random (seed 0), rotation classes, 600 tasks x 1 query per class, BatchNorm
+    batch statistics (transductive), last checkpoint"``."""
     q = protocol["queries_per_class"]
     seed = protocol.get("split_seed")
     parts = [] if protocol["split"] is None else [f"split {protocol['split']}"]
@@ -57,6 +65,8 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         parts[-1] += f" (seed {seed})"
     parts.append(f"rotation {protocol['rotation']}")
     parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
+    if protocol.get("bn_stats") is not None:  # results.json of older runs have no such key
+        parts.append(BN_PHRASES.get(protocol["bn_stats"], f"BatchNorm {protocol['bn_stats']}"))
     if "checkpoint" in protocol:  # results.json of older versions lack it
         parts.append(describe_rule(protocol["checkpoint"], protocol.get("top_k"), protocol.get("ranked_by")))
     return ", ".join(parts)

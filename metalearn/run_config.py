@@ -27,6 +27,9 @@ class RunConfig(NamedTuple):
     cross_domain: bool  # evaluating on data other than the run's own
     record: dict  # the run's preprocessing record (metalearn.preprocess)
     record_note: str | None  # set when the record was derived (the run has none)
+    # The run's own model.bn_stats (eval and predict may override it; only a run trained with
+    # "running" has running averages). None for a model without BatchNorm.
+    trained_bn_stats: str | None = None
 
 
 def _load_stored(run_dir: Path) -> Any:
@@ -67,6 +70,7 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
     stored = _load_stored(run_dir)
     train_dataset = OmegaConf.create(OmegaConf.to_container(stored.dataset))
     record, note = load_record(run_dir, stored)
+    trained_bn_stats = getattr(stored.model, "bn_stats", None)
     parsed = OverridesParser.create().parse_overrides(
         [o for o in overrides if not o.startswith("hydra.") and not o.startswith("hydra/")]
     )
@@ -164,6 +168,11 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
             "evaluated (eval.split=test)"
         )
     invert_setting(stored.preprocess.invert)
+    if getattr(stored.model, "bn_stats", None) == "running" and trained_bn_stats != "running":
+        raise ConfigError(
+            f"invalid model.bn_stats='running': the run was trained with model.bn_stats={trained_bn_stats}, "
+            "so its checkpoint holds no running averages (use batch or support, or train with running)"
+        )
     if command == "predict":
         # predict never reads the training data: check everything but where that data is.
         check = OmegaConf.create(OmegaConf.to_container(stored))
@@ -174,7 +183,7 @@ def resolve(run_dir: str | Path, overrides: list[str], composed: Any, command: s
         validate(check)
     else:
         validate(stored)
-    return RunConfig(stored, train_dataset, cross, record, note)
+    return RunConfig(stored, train_dataset, cross, record, note, trained_bn_stats)
 
 
 def check_predict_paths(cfg: Any) -> None:

@@ -14,7 +14,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from metalearn.algos import MetaLearner, Problem, make_algorithm
+from metalearn.algos import MetaLearner, Problem
+from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
 from metalearn.models import Model, make_model
 from metalearn.optim import make_optimizer
@@ -54,11 +55,19 @@ def stream_key(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), stream)
 
 
-def setup(cfg: Any, source: TaskSource | None = None) -> Experiment:
-    """Task source, model, algorithm and outer optimizer for a composed config."""
+def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | None = None) -> Experiment:
+    """Task source, model, algorithm and outer optimizer for a composed config.
+
+    The algorithm evaluates with BatchNorm mode ``model.bn_stats`` (metalearn/batchnorm.py);
+    its state keeps running averages when the run was trained with bn_stats=running
+    (``trained_bn_stats``: the run's own mode where eval or predict overrides it; default
+    ``model.bn_stats``)."""
     source = source if source is not None else build_task_source(cfg.dataset)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
-    algo = make_algorithm(cfg.algo, Problem(model, source))
+    mode = bn_stats_of(cfg.model)
+    trained = mode if trained_bn_stats is None else trained_bn_stats
+    momentum = float(getattr(cfg.model, "bn_momentum", 0.1))
+    algo = with_bn_stats(cfg.algo, Problem(model, source), mode, trained == "running", momentum)
     return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
 
 

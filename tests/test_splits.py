@@ -305,13 +305,14 @@ def test_protocol_stated_with_results():
         "rotation": "per_task_train_only",
         "n_tasks": 600,
         "queries_per_class": 2,
+        "bn_stats": "batch",
         "checkpoint": "last",
         "top_k": None,
         "ranked_by": None,
     }
     assert describe_protocol(protocol) == (
         "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class, "
-        "last checkpoint"
+        "BatchNorm batch statistics (transductive), last checkpoint"
     )
     line = final_line(
         {"test": summarize(np.array([0.5, 0.7]), "accuracy"), "protocol": protocol}, cfg, "r.json"
@@ -324,6 +325,7 @@ def test_protocol_stated_with_results():
         "rotation": "none",
         "n_tasks": 600,
         "queries_per_class": 5,
+        "bn_stats": None,  # make_cfg's default model, the MLP, has no BatchNorm
         "checkpoint": "last",
         "top_k": None,
         "ranked_by": None,

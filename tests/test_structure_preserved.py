@@ -37,6 +37,10 @@ ADDED: dict[str, object] = {
     "eval.rank_by": "metric",
     # Early stopping on the validation loss (metalearn/selection.py); 0 is never.
     "trainer.early_stop_patience": 0,
+    # BatchNorm at evaluation (metalearn/batchnorm.py): the batch's statistics, as before;
+    # the running averages' momentum is read only with bn_stats=running.
+    "model.bn_stats": "batch",
+    "model.bn_momentum": 0.1,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
@@ -62,7 +66,12 @@ _HTTYM_MINI_IMAGENET = {
     # element clamped to [-10, 10] for imagenet datasets.
     "optim.clip_value": 10.0,
 }
+_SNELL_BATCHNORM = {
+    # jakesnell/prototypical-networks eval.py:16: model.eval(), BatchNorm with running averages.
+    "model.bn_stats": "running",
+}
 _SNELL_OMNIGLOT = {
+    **_SNELL_BATCHNORM,
     # jakesnell/prototypical-networks run_train.py:24: 15 queries per class in test episodes.
     "dataset.k_query_test": 15,
     # jakesnell/prototypical-networks splits/vinyals/: the Vinyals class split.
@@ -82,7 +91,12 @@ INTENDED: dict[str, dict[str, object]] = {
     "experiment=mamlpp_miniimagenet_5w5s": _HTTYM_MINI_IMAGENET,
     "experiment=protonet_omniglot_5w1s": _SNELL_OMNIGLOT,
     "experiment=protonet_omniglot_20w1s": _SNELL_OMNIGLOT,
+    "experiment=protonet_miniimagenet_5w1s": _SNELL_BATCHNORM,
+    "experiment=protonet_miniimagenet_5w5s": _SNELL_BATCHNORM,
     "experiment=protomaml_omniglot_5w1s": {
+        # google-research/meta-dataset trainer_config.gin:12 and optimization_learners.py:602-618:
+        # the queries normalised with the support set's BatchNorm moments.
+        "model.bn_stats": "support",
         # google-research/meta-dataset maml_init_with_proto_config.gin:7 weight_decay = 1e-4,
         # a tf.keras.regularizers.L2(1e-4) penalty 1e-4 * sum(w ** 2) on every conv and dense
         # kernel (functional_backbones.py weight_variable), added to the loss before the

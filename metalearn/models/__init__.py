@@ -5,9 +5,12 @@ meta-learning algorithms can differentiate through ``apply(params, x)`` freely. 
 also be built context-conditioned (``make_model(..., context_size=C)``, CAVIA/CAML): then
 ``apply(params, x, context)`` takes a context vector (C,) that is not part of ``params``.
 
-Conv4 and ResNet-12 use BatchNorm with the statistics of the current batch at train *and*
-test time (no running averages). This is the transductive setting of the MAML paper's
-code: at test time the query set of one task is normalised with its own statistics.
+Conv4 and ResNet-12 use BatchNorm with the statistics of the current batch at train time.
+At evaluation ``model.bn_stats`` chooses (metalearn/batchnorm.py, docs/algorithms.md):
+"batch" (the default: the query set of one task is normalised with its own statistics, the
+transductive setting of the MAML paper's code), "support" (the support set's moments) or
+"running" (running averages from training). A Model built by :func:`normalising_with`
+normalises with given moments; one built by :func:`recording` records its batch moments.
 
 Convolutions default to ``conv_impl="im2col"``: the 3x3 patches are gathered with nine
 strided slices and contracted with the kernel by one matmul. Under ``jax.vmap`` with
@@ -42,12 +45,21 @@ import jax
 import jax.numpy as jnp
 
 from metalearn.config import ChoiceConfig, finite, need, one_of, schema
-from metalearn.models.layers import FiLM, batch_stat_norm, conv3x3_im2col, conv3x3_xla
+from metalearn.models.layers import (
+    GIVEN_MOMENTS,
+    RECORDED_MOMENTS,
+    FiLM,
+    batch_stat_norm,
+    conv3x3_im2col,
+    conv3x3_xla,
+)
 from metalearn.models.networks import HEAD_INITS, MLP, Conv4, ResNet12
 
 Params = Any
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 CONV_IMPLS = ("im2col", "xla")
+# BatchNorm statistics at evaluation (model.bn_stats; metalearn/batchnorm.py).
+BN_STATS = ("batch", "support", "running")
 
 
 @dataclass
@@ -80,17 +92,26 @@ class ConvNetworkConfig(NetworkConfig):
     """Keys of the convolutional models: conv_impl "im2col" (patches + batched matmul, fast
     under vmap on CPU) or "xla" (lax.conv); BatchNorm with a learned scale besides the offset
     (bn_scale false: offset only, as cbfinn/maml's tf.contrib.layers.batch_norm) and the
-    epsilon added to the variance (TF's default 1e-3)."""
+    epsilon added to the variance (TF's default 1e-3). bn_stats: the BatchNorm statistics at
+    evaluation, "batch" (transductive), "support" or "running" (metalearn/batchnorm.py);
+    bn_momentum: the weight of each new batch in the running averages (PyTorch's 0.1), used
+    only with bn_stats=running."""
 
     conv_impl: str = "im2col"
     bn_scale: bool = True
     bn_epsilon: float = 1e-5
+    bn_stats: str = "batch"
+    bn_momentum: float = 0.1
 
     @classmethod
     def check(cls, m: Any, cfg: Any) -> None:
         super().check(m, cfg)
         one_of(m.conv_impl, "model.conv_impl", CONV_IMPLS)
         need(finite(m.bn_epsilon) and m.bn_epsilon > 0, "model.bn_epsilon", m.bn_epsilon, "> 0")
+        one_of(m.bn_stats, "model.bn_stats", BN_STATS)
+        need(
+            finite(m.bn_momentum) and 0 < m.bn_momentum <= 1, "model.bn_momentum", m.bn_momentum, "in (0, 1]"
+        )
 
 
 @schema("model", "conv4")
@@ -146,12 +167,20 @@ class Model(NamedTuple):
     init(key) -> params; apply(params, x, context=None) -> predictions,
     x: (B, *input_shape) -> (B, out). ``context`` (context_size,) is only accepted by a
     context-conditioned model (context_size > 0), where None means the zero context.
+
+    moments: None (BatchNorm with batch statistics), or per-layer ``{"mean", "var"}`` that
+    every BatchNorm normalises with instead (:func:`normalising_with`); sink: None, or a list
+    to which each ``apply`` appends the batch moments of every BatchNorm layer
+    (:func:`recording`); input_shape: x's shape without the batch axis.
     """
 
     init: Callable[[jax.Array], Params]
     apply: Callable[..., jax.Array]
     module: nn.Module
     context_size: int = 0
+    moments: Any = None
+    sink: list | None = None
+    input_shape: tuple[int, ...] = ()
 
 
 def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_size: int = 0) -> Model:
@@ -223,10 +252,30 @@ def with_context(model: Model, input_shape: tuple[int, ...], context_size: int) 
         raise ValueError(f"context_size must be >= 1, got {context_size}")
     if not isinstance(model.module, MLP | Conv4 | ResNet12):
         raise ValueError(f"{type(model.module).__name__} cannot take a context")
-    return _wrap(model.module.clone(context_size=context_size), input_shape, context_size)
+    twin = model.module.clone(context_size=context_size)
+    return _wrap(twin, input_shape, context_size, model.moments, model.sink)
 
 
-def _wrap(module: nn.Module, input_shape: tuple[int, ...], context_size: int) -> Model:
+def normalising_with(model: Model, moments: Any) -> Model:
+    """``model`` whose BatchNorm layers normalise with ``moments`` (per layer ``{"mean",
+    "var"}``, each (F,), shaped like a :func:`recording`'s record) instead of the batch's."""
+    return _wrap(model.module, model.input_shape, model.context_size, moments, model.sink)
+
+
+def recording(model: Model, sink: list) -> Model:
+    """``model`` whose ``apply`` also appends to ``sink`` the moments of every BatchNorm layer's
+    input (per layer ``{"mean", "var", "count"}``; var biased, count the elements per feature),
+    as plain arrays of the caller's trace: read them in the function that called ``apply``."""
+    return _wrap(model.module, model.input_shape, model.context_size, model.moments, sink)
+
+
+def _wrap(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    context_size: int,
+    moments: Any = None,
+    sink: list | None = None,
+) -> Model:
     dummy = jnp.zeros((2, *input_shape), jnp.float32)
 
     def init(key: jax.Array) -> Params:
@@ -235,9 +284,14 @@ def _wrap(module: nn.Module, input_shape: tuple[int, ...], context_size: int) ->
     def apply(params: Params, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         if context is not None and not context_size:
             raise ValueError("this model takes no context (built with context_size=0)")
-        return module.apply({"params": params}, x, context)
+        variables = {"params": params} if moments is None else {"params": params, GIVEN_MOMENTS: moments}
+        if sink is None:
+            return module.apply(variables, x, context)
+        out, recorded = module.apply(variables, x, context, mutable=[RECORDED_MOMENTS])
+        sink.append(recorded[RECORDED_MOMENTS])
+        return out
 
-    return Model(init, apply, module, context_size)
+    return Model(init, apply, module, context_size, moments, sink, tuple(input_shape))
 
 
 def is_norm_param(path: tuple[Any, ...]) -> bool:
@@ -258,5 +312,7 @@ __all__ = [
     "conv3x3_xla",
     "is_norm_param",
     "make_model",
+    "normalising_with",
+    "recording",
     "with_context",
 ]

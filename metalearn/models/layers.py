@@ -165,13 +165,25 @@ def _batch_stat_norm_bwd(epsilon, residuals, g):
 batch_stat_norm.defvjp(_batch_stat_norm_fwd, _batch_stat_norm_bwd)
 
 
+# Variable collections of BatchStatNorm (metalearn/batchnorm.py sets them): GIVEN_MOMENTS
+# holds moments to normalise with instead of the batch's; RECORDED_MOMENTS, when mutable,
+# receives the batch's own moments.
+GIVEN_MOMENTS, RECORDED_MOMENTS = "bn_moments", "bn_recorded"
+
+
 class BatchStatNorm(nn.Module):
-    """BatchNorm that always normalises with the current batch's statistics
-    (:func:`batch_stat_norm`).
+    """BatchNorm that normalises with the current batch's statistics
+    (:func:`batch_stat_norm`), or with given moments.
 
     x: (B, ..., F); mean and variance are taken over every axis but the last. A
     low-precision input (bf16) is normalised in float32 (statistics included) and the
     result is returned in the input's dtype.
+
+    Given moments (collection ``GIVEN_MOMENTS``: ``mean``, ``var``, each (F,)) replace the
+    batch's: ``(x - mean) / sqrt(var + eps) * scale + bias``, so each row is normalised on its
+    own (the non-transductive BatchNorm modes). With ``RECORDED_MOMENTS`` mutable, the batch's
+    ``mean``, biased ``var`` (what it is normalised with) and element ``count`` per feature
+    (a float scalar) are recorded there. Neither collection present: the batch path alone.
     """
 
     epsilon: float = 1e-5
@@ -189,7 +201,19 @@ class BatchStatNorm(nn.Module):
         else:  # a constant 1: not a parameter, so neither adapted nor meta-learned
             scale = jnp.ones((x.shape[-1],), bias.dtype)
         x, scale = _promote(x, scale)
-        y = batch_stat_norm(x, scale, bias.astype(scale.dtype), self.epsilon)
+        bias = bias.astype(scale.dtype)
+        if self.has_variable(GIVEN_MOMENTS, "mean"):
+            mean = self.get_variable(GIVEN_MOMENTS, "mean").astype(x.dtype)
+            var = self.get_variable(GIVEN_MOMENTS, "var").astype(x.dtype)
+            y = (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        else:
+            y = batch_stat_norm(x, scale, bias, self.epsilon)
+        if self.is_mutable_collection(RECORDED_MOMENTS):
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            self.put_variable(RECORDED_MOMENTS, "mean", mean)
+            self.put_variable(RECORDED_MOMENTS, "var", jnp.mean(jnp.square(x - mean), axis=axes))
+            self.put_variable(RECORDED_MOMENTS, "count", jnp.asarray(x.size // x.shape[-1], x.dtype))
         return y if low_precision is None else y.astype(low_precision)
 
 
