@@ -260,7 +260,6 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
     step again; nothing is deleted. Returns None if run_dir has no checkpoint at all;
     raises DataError if checkpoints exist but none is usable.
     """
-    import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir)
     steps = checkpoint_steps(run_dir)
@@ -273,14 +272,7 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
         for step in steps:
             step_dir = run_dir / CHECKPOINT_DIR / str(step)
             try:
-                _verify(step_dir)
-                # An intact step of another shape is a config mismatch, not damage: raised as
-                # such, before any restore (whose failure would be noisy and look like damage).
-                check_params_fit(step_dir, template)
-                with _quiet_restore():
-                    restored = manager.restore(step, args=ocp.args.StandardRestore(template))
-                _check_like(restored, template, step)
-                return restored
+                return _restore_verified(manager, step_dir, step, template)
             except CheckpointMismatch:
                 raise
             except Exception as err:  # any read/parse failure means: not usable
@@ -302,22 +294,30 @@ def restore_latest(run_dir: str | Path, template: Any, quarantine: bool = False)
     raise DataError(f"no usable checkpoint in {run_dir / CHECKPOINT_DIR}: {'; '.join(failures)}")
 
 
+def _restore_verified(manager: Any, step_dir: Path, step: int, template: Any) -> Any:
+    """Step ``step`` restored into ``template``'s shape after its manifest is verified. An
+    intact step of another shape is a config mismatch, not damage: raised as such, before any
+    restore (whose failure would be noisy and look like damage)."""
+    import orbax.checkpoint as ocp
+
+    _verify(step_dir)
+    check_params_fit(step_dir, template)
+    with _quiet_restore():
+        restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+    _check_like(restored, template, step)
+    return restored
+
+
 def restore_step(run_dir: str | Path, template: Any, step: int) -> Any:
     """The checkpoint of ``step`` in run_dir, restored into ``template``'s shape; DataError
     (one line) if it is absent, incomplete or damaged (nothing is set aside)."""
-    import orbax.checkpoint as ocp
 
     step_dir = Path(run_dir) / CHECKPOINT_DIR / str(step)
     if not step_dir.is_dir():
         raise DataError(f"no checkpoint of step {step} in {step_dir.parent}")
     manager = _manager(Path(run_dir), None, create=False)
     try:
-        _verify(step_dir)
-        check_params_fit(step_dir, template)
-        with _quiet_restore():
-            restored = manager.restore(step, args=ocp.args.StandardRestore(template))
-        _check_like(restored, template, step)
-        return restored
+        return _restore_verified(manager, step_dir, step, template)
     except CheckpointMismatch:
         raise
     except Exception as err:  # any read/parse failure means: not usable

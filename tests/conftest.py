@@ -289,3 +289,107 @@ def counting_traces(exp):
         return original(data, key)
 
     return exp._replace(source=dataclasses.replace(exp.source, sample=counting_sample)), traces
+
+
+# Shared pieces of the algorithms' reference checks (test_maml, test_metasgd, test_anil,
+# test_caml, test_reptile, test_models): sinusoid problems, sampled tasks, tree comparisons,
+# and the written-out MAML-style outer loss.
+
+
+def sinusoid_problem(cfg):
+    """A Problem (model + sinusoid task source) of ``cfg``'s model and dataset sections."""
+    from metalearn.algos import Problem
+    from metalearn.models import make_model
+    from metalearn.tasks import sinusoid_source
+
+    source = sinusoid_source(cfg.dataset)
+    return Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
+
+
+def sampled_tasks(problem, n: int, seed: int = 1):
+    """``n`` training tasks of ``problem``'s source, stacked along a leading axis."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return jax.vmap(problem.source.sample, in_axes=(None, 0))(problem.source.splits["train"], keys)
+
+
+def sampled_tasks64(problem, n: int, seed: int = 1):
+    """:func:`sampled_tasks` in float64 (run under the ``float64`` fixture)."""
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: a.astype(jnp.float64), sampled_tasks(problem, n, seed))
+
+
+def task_at(tasks, i):
+    return jax.tree.map(lambda a: a[i], tasks)
+
+
+def assert_trees_close(a, b, rtol: float, atol: float) -> None:
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def close64(a, b) -> None:
+    """Trees equal to float64 rounding."""
+    assert_trees_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def close32(a, b, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Trees equal to float32 rounding."""
+    assert_trees_close(a, b, rtol=rtol, atol=atol)
+
+
+def leaf_norms(tree) -> list[float]:
+    import jax.numpy as jnp
+
+    return [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(tree)]
+
+
+def max_leaf_diff(a, b) -> float:
+    import jax.numpy as jnp
+
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
+
+
+def stop_gradient_if(tree, first_order: bool):
+    return jax.lax.stop_gradient(tree) if first_order else tree
+
+
+def explicit_outer_loss(problem, tasks, n_tasks: int, steps: int, params, update):
+    """Mean over the first ``n_tasks`` of ``tasks`` of the query loss after ``steps`` inner
+    steps ``p <- update(p, grad of the support loss at p)`` from ``params``, written out."""
+    total = 0.0
+    for i in range(n_tasks):
+        t = task_at(tasks, i)
+        p = params
+        for _ in range(steps):
+            p = update(p, jax.grad(problem.loss)(p, t.support_x, t.support_y))
+        total = total + problem.loss(p, t.query_x, t.query_y)
+    return total / n_tasks
+
+
+def meta_grad_matches(algo, meta, tasks, outer):
+    """Check ``algo.meta_grad``'s loss and gradients at ``meta`` against ``outer``'s
+    (float64); return the gradients."""
+    grads, _, metrics = jax.jit(algo.meta_grad)(meta, (), tasks, jax.random.PRNGKey(0), 0)
+    loss, reference = jax.jit(jax.value_and_grad(outer))(meta)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-12)
+    close64(grads, reference)
+    return grads
+
+
+def film_input_shapes(model, params, x, context):
+    """Shapes of the activations FiLM modulates (captured from the module's forward pass)."""
+    from metalearn.models import FiLM
+
+    _, state = jax.eval_shape(
+        lambda p: model.module.apply(
+            {"params": p},
+            x,
+            context,
+            capture_intermediates=lambda mdl, _: isinstance(mdl, FiLM),
+            mutable=["intermediates"],
+        ),
+        params,
+    )
+    return [leaf.shape for leaf in jax.tree.leaves(state["intermediates"])]

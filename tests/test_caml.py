@@ -7,26 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cfg
+from conftest import (
+    close32,
+    film_input_shapes,
+    leaf_norms,
+    make_cfg,
+    sampled_tasks,
+    sinusoid_problem,
+    task_at,
+)
 
 from metalearn.algos import Problem, make_algorithm
-from metalearn.models import FiLM, make_model, with_context
-from metalearn.tasks import image_source, sinusoid_source
-
-
-def _film_input_shapes(model, params, x, context):
-    """Shapes of the activations FiLM modulates (captured from the module's forward pass)."""
-    _, state = jax.eval_shape(
-        lambda p: model.module.apply(
-            {"params": p},
-            x,
-            context,
-            capture_intermediates=lambda mdl, _: isinstance(mdl, FiLM),
-            mutable=["intermediates"],
-        ),
-        params,
-    )
-    return [leaf.shape for leaf in jax.tree.leaves(state["intermediates"])]
+from metalearn.models import make_model, with_context
+from metalearn.tasks import image_source
 
 
 def test_caml_conv4_film_sits_after_block_3():
@@ -36,12 +29,12 @@ def test_caml_conv4_film_sits_after_block_3():
     model = make_model(cfg.model, (28, 28, 1), 5, context_size=3)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     x = jnp.zeros((2, 28, 28, 1))
-    assert _film_input_shapes(model, params, x, jnp.zeros(3)) == [(2, 4, 4, 5)]
+    assert film_input_shapes(model, params, x, jnp.zeros(3)) == [(2, 4, 4, 5)]
     # Fewer blocks than three: FiLM on the last one.
     cfg = make_cfg(model={"name": "conv4", "filters": 5, "blocks": 2})
     model = make_model(cfg.model, (28, 28, 1), 5, context_size=3)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    assert _film_input_shapes(model, params, x, jnp.zeros(3)) == [(2, 7, 7, 5)]
+    assert film_input_shapes(model, params, x, jnp.zeros(3)) == [(2, 7, 7, 5)]
 
 
 def test_caml_miniimagenet_preset_film_after_block_3_of_its_conv4():
@@ -62,30 +55,7 @@ def test_caml_miniimagenet_preset_film_after_block_3_of_its_conv4():
     # preset (CAVIA's cavia_model.py) applies FiLM after that block's max-pool, at 10x10.
     assert cfg.model.film_position == "post_pool"
     x = jnp.zeros((1, 84, 84, 3))
-    assert _film_input_shapes(model, params, x, jnp.zeros(cfg.algo.context_size)) == [(1, 10, 10, f)]
-
-
-def _sinusoid_problem(cfg) -> Problem:
-    source = sinusoid_source(cfg.dataset)
-    return Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
-
-
-def _tasks(problem: Problem, n: int, seed: int = 1):
-    keys = jax.random.split(jax.random.PRNGKey(seed), n)
-    return jax.vmap(problem.source.sample, in_axes=(None, 0))(problem.source.splits["train"], keys)
-
-
-def _task(tasks, i):
-    return jax.tree.map(lambda a: a[i], tasks)
-
-
-def _leaf_norms(tree) -> list[float]:
-    return [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(tree)]
-
-
-def _close(a, b, rtol=1e-5, atol=1e-6) -> None:
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    assert film_input_shapes(model, params, x, jnp.zeros(cfg.algo.context_size)) == [(1, 10, 10, f)]
 
 
 def test_plain_models_unchanged_and_context_models_add_only_context_inputs():
@@ -99,7 +69,7 @@ def test_plain_models_unchanged_and_context_models_add_only_context_inputs():
     x = jnp.linspace(-1, 1, 5)[:, None]
     # Context zero is concatenated zeros: the extra kernel rows do not matter.
     p_same = {**q, "dense_0": {"kernel": q["dense_0"]["kernel"][:1], "bias": q["dense_0"]["bias"]}}
-    _close(ctx.apply(q, x), plain.apply(p_same, x))
+    close32(ctx.apply(q, x), plain.apply(p_same, x))
     assert float(jnp.max(jnp.abs(ctx.apply(q, x, jnp.ones(3)) - ctx.apply(q, x)))) > 1e-4
     with pytest.raises(ValueError, match="context"):
         plain.apply(p, x, jnp.ones(3))
@@ -115,7 +85,7 @@ def test_conv4_film_is_identity_at_zero_context():
     shared = {k: v for k, v in params.items() if k != "film"}
     apply_ctx = jax.jit(ctx.apply)
     expected = jax.jit(plain.apply)(shared, x)
-    _close(apply_ctx(params, x, jnp.zeros(6)), expected)
+    close32(apply_ctx(params, x, jnp.zeros(6)), expected)
     assert float(jnp.max(jnp.abs(apply_ctx(params, x, jnp.ones(6)) - expected))) > 1e-4
 
 
@@ -135,7 +105,7 @@ def _reference_context(problem, model, params, task, lr, steps, first_order=Fals
 def _reference_caml_outer_loss(params, problem, model, tasks, first_order):
     losses = []
     for i in range(tasks.support_x.shape[0]):
-        t = _task(tasks, i)
+        t = task_at(tasks, i)
         c = _reference_context(problem, model, params, t, 0.5, 2, first_order)
         losses.append(problem.source.loss(model.apply(params, t.query_x, c), t.query_y))
     return sum(losses) / len(losses)
@@ -152,7 +122,7 @@ def _caml_setup(first_order=False, steps=2):
         },
         model={"hidden": [8]},
     )
-    problem = _sinusoid_problem(cfg)
+    problem = sinusoid_problem(cfg)
     return cfg, problem, make_algorithm(cfg.algo, problem)
 
 
@@ -162,15 +132,15 @@ def test_caml_inner_loop_adapts_only_a_zero_initialised_context():
     # meta-parameters are exactly the shared network: no context among them.
     assert set(params) == {"dense_0", "head"} and params["dense_0"]["kernel"].shape == (1 + 3, 8)
     model = with_context(problem.model, (1,), 3)
-    tasks = _tasks(problem, 3)
+    tasks = sampled_tasks(problem, 3)
     key = jax.random.PRNGKey(0)
     for i in range(3):
-        t = _task(tasks, i)
+        t = task_at(tasks, i)
         np.testing.assert_array_equal(algo.adapt(params, (), t.support_x, t.support_y, key, 0), np.zeros(3))
         # Reference: explicit steps on the context only, from zero, with params held fixed.
         adapted = algo.adapt(params, (), t.support_x, t.support_y, key, 2)
         assert adapted.shape == (3,) and float(jnp.linalg.norm(adapted)) > 1e-4
-        _close(adapted, _reference_context(problem, model, params, t, lr=0.5, steps=2))
+        close32(adapted, _reference_context(problem, model, params, t, lr=0.5, steps=2))
         # The context changes predictions (it is what adapts the network to the task).
         change = algo.predict(params, adapted, t.query_x) - model.apply(params, t.query_x)
         assert float(jnp.max(jnp.abs(change))) > 1e-4
@@ -182,16 +152,16 @@ def test_caml_outer_gradient_reaches_shared_params_through_the_context(float64):
         cfg, problem, algo = _caml_setup(first_order=first_order)
         model = with_context(problem.model, (1,), 3)
         params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
-        tasks = jax.tree.map(lambda x: x.astype(jnp.float64), _tasks(problem, 3))
+        tasks = jax.tree.map(lambda x: x.astype(jnp.float64), sampled_tasks(problem, 3))
         grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(2), 0)
         assert set(metrics) == {"loss", "mse"}
-        assert min(_leaf_norms(grads)) > 1e-6  # every shared parameter gets an outer gradient
+        assert min(leaf_norms(grads)) > 1e-6  # every shared parameter gets an outer gradient
 
         reference = jax.grad(_reference_caml_outer_loss)(params, problem, model, tasks, first_order)
-        _close(grads, reference, rtol=1e-9, atol=1e-12)
+        close32(grads, reference, rtol=1e-9, atol=1e-12)
         by_order[first_order] = grads
     # first_order is honoured: dropping the second-order terms changes the gradient.
-    assert max(_leaf_norms(jax.tree.map(jnp.subtract, by_order[True], by_order[False]))) > 1e-6
+    assert max(leaf_norms(jax.tree.map(jnp.subtract, by_order[True], by_order[False]))) > 1e-6
 
 
 def test_caml_on_conv4_builds_and_adapts():
@@ -209,8 +179,8 @@ def test_caml_on_conv4_builds_and_adapts():
     algo = make_algorithm(cfg.algo, problem)
     params = jax.jit(algo.init)(jax.random.PRNGKey(0))
     assert "film" in params and params["film"]["dense"]["kernel"].shape == (4, 2 * 8)
-    tasks = _tasks(problem, 2)
-    t = _task(tasks, 0)
+    tasks = sampled_tasks(problem, 2)
+    t = task_at(tasks, 0)
     adapt, predict = jax.jit(algo.adapt, static_argnums=5), jax.jit(algo.predict)  # compile once
     context = adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(0), 1)
     assert context.shape == (4,) and float(jnp.linalg.norm(context)) > 0

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_cfg
+from conftest import film_input_shapes, make_cfg
 from jax import lax
 
-from metalearn.models import Conv4, FiLM, conv3x3_im2col, conv3x3_xla, make_model, with_context
+from metalearn.models import Conv4, conv3x3_im2col, conv3x3_xla, make_model, with_context
 
 TINY = [4, 6, 8, 8]
 
@@ -304,21 +304,6 @@ def test_bfloat16_context_model_and_unknown_dtype():
         make_model(make_cfg(model={"name": "mlp", "compute_dtype": "float16"}).model, (1,), 1)
 
 
-def _film_input_shapes(model, params, x, context):
-    """Shapes of the activations FiLM modulates (captured from the module's forward pass)."""
-    _, state = jax.eval_shape(
-        lambda p: model.module.apply(
-            {"params": p},
-            x,
-            context,
-            capture_intermediates=lambda mdl, _: isinstance(mdl, FiLM),
-            mutable=["intermediates"],
-        ),
-        params,
-    )
-    return [leaf.shape for leaf in jax.tree.leaves(state["intermediates"])]
-
-
 def test_resnet12_film_sits_on_the_third_stage_with_distinct_widths():
     channels = [3, 5, 7, 9]
     cfg = make_cfg(model={"name": "resnet12", "channels": channels})
@@ -326,7 +311,7 @@ def test_resnet12_film_sits_on_the_third_stage_with_distinct_widths():
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     assert params["film"]["dense"]["kernel"].shape == (4, 2 * 7)
     # Stages halve the size: 16 -> 8 -> 4 -> 2; the third stage computes at 4x4.
-    shapes = _film_input_shapes(model, params, jnp.zeros((2, 16, 16, 3)), jnp.zeros(4))
+    shapes = film_input_shapes(model, params, jnp.zeros((2, 16, 16, 3)), jnp.zeros(4))
     assert shapes == [(2, 4, 4, 7)]
 
 

@@ -13,7 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_cfg, metric_records, synthetic_image_arrays
+from conftest import (
+    close32,
+    leaf_norms,
+    make_cfg,
+    metric_records,
+    sampled_tasks,
+    sinusoid_problem,
+    synthetic_image_arrays,
+    task_at,
+)
 
 from metalearn.algos import Problem, make_algorithm
 from metalearn.algos.reptile import minibatch_indices, split_examples
@@ -354,29 +363,6 @@ def test_kill_and_resume_is_bitwise_exact_with_the_carried_inner_state(tmp_path)
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(fresh), nu, strict=True))
 
 
-def _sinusoid_problem(cfg) -> Problem:
-    source = sinusoid_source(cfg.dataset)
-    return Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
-
-
-def _tasks(problem: Problem, n: int, seed: int = 1):
-    keys = jax.random.split(jax.random.PRNGKey(seed), n)
-    return jax.vmap(problem.source.sample, in_axes=(None, 0))(problem.source.splits["train"], keys)
-
-
-def _task(tasks, i):
-    return jax.tree.map(lambda a: a[i], tasks)
-
-
-def _leaf_norms(tree) -> list[float]:
-    return [float(jnp.linalg.norm(x)) for x in jax.tree.leaves(tree)]
-
-
-def _close(a, b, rtol=1e-5, atol=1e-6) -> None:
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
 def _explicit_adam_beta1_zero(grad_fn, p, lr, steps, b2=0.999, eps=1e-8):
     """TF1 Adam with beta1 = 0 written out: m = g, v = b2 v + (1 - b2) g^2,
     w -= lr sqrt(1 - b2^t) g / (sqrt(v) + eps), from a fresh state (algo.inner_state=reset)."""
@@ -404,14 +390,14 @@ def test_reptile_step_is_outer_lr_times_mean_adapted_minus_initial(float64, inne
         },
         model={"hidden": [8]},
     )
-    problem = _sinusoid_problem(cfg)
+    problem = sinusoid_problem(cfg)
     algo = make_algorithm(cfg.algo, problem)
     params = jax.tree.map(lambda x: x.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
-    tasks = jax.tree.map(lambda x: x.astype(jnp.float64), _tasks(problem, n_tasks))
+    tasks = jax.tree.map(lambda x: x.astype(jnp.float64), sampled_tasks(problem, n_tasks))
 
     adapted = []
     for i in range(n_tasks):
-        t = _task(tasks, i)
+        t = task_at(tasks, i)
         x, y = t.support_x, t.support_y
         if train_on_query:
             x, y = jnp.concatenate([x, t.query_x]), jnp.concatenate([y, t.query_y])
@@ -432,9 +418,11 @@ def test_reptile_step_is_outer_lr_times_mean_adapted_minus_initial(float64, inne
     grads, _, metrics = algo.meta_grad(params, (), tasks, jax.random.PRNGKey(3), 0)
     opt = optax.sgd(eps_outer)
     updates, _ = opt.update(grads, opt.init(params), params)
-    _close(optax.apply_updates(params, updates), expected, rtol=1e-9, atol=1e-12)
+    close32(optax.apply_updates(params, updates), expected, rtol=1e-9, atol=1e-12)
     # Metrics are the adapted weights' query loss.
-    query = [problem.loss(a, _task(tasks, i).query_x, _task(tasks, i).query_y) for i, a in enumerate(adapted)]
+    query = [
+        problem.loss(a, task_at(tasks, i).query_x, task_at(tasks, i).query_y) for i, a in enumerate(adapted)
+    ]
     np.testing.assert_allclose(float(metrics["loss"]), float(sum(query) / n_tasks), rtol=1e-9)
     assert float(metrics["loss"]) == float(metrics["mse"])
 
@@ -456,13 +444,13 @@ def test_reptile_minibatches_cover_each_epoch_without_replacement():
         },
         model={"hidden": [8]},
     )
-    problem = _sinusoid_problem(cfg)
+    problem = sinusoid_problem(cfg)
     algo = make_algorithm(cfg.algo, problem)
     params = algo.init(jax.random.PRNGKey(0))
-    t = _task(_tasks(problem, 1), 0)
+    t = task_at(sampled_tasks(problem, 1), 0)
     a = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(1), 4)
     b = algo.adapt(params, (), t.support_x, t.support_y, jax.random.PRNGKey(2), 4)
-    assert max(_leaf_norms(jax.tree.map(jnp.subtract, a, b))) > 0  # batches depend on the key
+    assert max(leaf_norms(jax.tree.map(jnp.subtract, a, b))) > 0  # batches depend on the key
 
 
 def test_reptile_per_dataset_defaults_switch_the_outer_optimizer_to_sgd():
