@@ -100,6 +100,10 @@ def composition_error(err: BaseException, chosen: Callable[[str, str], str | Non
 
     cause = err.__cause__ or err.__context__
     text = " ".join(str(e) for e in (err, cause) if e is not None)
+    missing = re.search(r"Could not find '(algo|dataset|model)/(\w+)'", text)
+    if missing:
+        group, name = missing.groups()
+        return f"invalid {group}.name={name!r}: must be one of {sorted(schemas(group))}"
     found = re.search(r"Could not override '(algo|dataset|model)\.(\w+)", text)
     if found:
         group, key = found.groups()

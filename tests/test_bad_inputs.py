@@ -64,7 +64,7 @@ PRECHECK_CASES = [
     (["train", "trainer.stepz=3"], "trainer.stepz"),
     (["train", "algo=nonexistent"], "algo/nonexistent"),
     (["train", "algo.name=bogus"], "algo.name"),
-    (["train", "dataset=imagenet"], "dataset/imagenet"),
+    (["train", "dataset=imagenet"], "dataset.name='imagenet'"),
     (["train", "dataset.name=imagenet"], "dataset.name"),
     (["train", "model=resnet"], "model/resnet"),
     (["train", "model=conv4"], "model"),
