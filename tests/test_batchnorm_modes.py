@@ -62,8 +62,15 @@ def _state(exp, cfg):
     return state
 
 
+# One algorithm of each kind in the default run (a differentiated inner loop, a metric one, a
+# prototype-initialised one, a carried inner-optimizer state); every algorithm in the slow tier.
+_DEFAULT_RUN = {"maml", "protonet", "protomaml", "reptile"}
+
+
 @pytest.mark.parametrize("mode", ["support", "running", "batch"])
-@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+@pytest.mark.parametrize(
+    "algo", [pytest.param(a, marks=() if a in _DEFAULT_RUN else pytest.mark.slow) for a in sorted(ALGORITHMS)]
+)
 def test_query_logits_do_not_depend_on_the_other_queries(algo, mode):
     cfg, exp = _experiment(algo, mode)
     state, task = _state(exp, cfg), _task(exp)

@@ -78,7 +78,7 @@ def test_eval_reloads_run_and_reproduces_test_result(tiny_sweep, tmp_path):
         ("trainer.stepz=3", "trainer.stepz"),
         ("trainer.steps=abc", "trainer.steps"),
         ("algo.inner_lr=-1", "algo.inner_lr"),
-        ("algo=nonexistent", "algo/nonexistent"),
+        ("algo=nonexistent", "algo.name='nonexistent'"),
         ("dataset.k_shot=0", "dataset.k_shot"),
         ("eval.n_tasks=1", "eval.n_tasks"),
     ],

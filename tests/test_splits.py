@@ -129,6 +129,7 @@ def test_alphabets_split_holds_out_whole_alphabets_on_the_shared_archives(tmp_pa
         assert not by_split["validation"] & by_split["test"]
 
 
+@pytest.mark.slow  # builds 32,460 synthetic drawings in the full archives' layout (about 50 s)
 def test_vinyals_yields_exactly_the_split_files_classes(full_layout):
     manual, data_dir, checksums, fingerprints = full_layout
     arrays = om.load_omniglot(
