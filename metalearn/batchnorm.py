@@ -11,8 +11,12 @@ with it (transductive). ``model.bn_stats`` makes the choice explicit:
   own batch).
 - ``running``: every forward pass at evaluation (adaptation and prediction) normalises with
   running averages accumulated during training (ProtoNet's ``model.eval()``).
+- ``support_query``: each query is classified in a batch of the support set and that one
+  query, with that batch's statistics (supervised-reptile's non-transductive evaluation,
+  ``reptile.py`` ``_test_predictions``: the support inputs plus one test input per run, the
+  last row kept). Adaptation is unchanged.
 
-Prediction in the two non-transductive modes classifies each query on its own (``lax.map``
+Prediction in the three non-transductive modes classifies each query on its own (``lax.map``
 over queries, each a batch of one): then a query's outputs are bitwise the same whatever
 else is classified with it. (Classifying them as one batch is not: XLA:CPU computes a
 one-row matmul by another kernel than a many-row one, so results differ in the last bits.)
@@ -56,15 +60,6 @@ class BatchNormState(NamedTuple):
 def bn_stats_of(model_cfg: Any) -> str:
     """``model.bn_stats``; "batch" for a model without BatchNorm (the MLP has no such key)."""
     return str(getattr(model_cfg, "bn_stats", "batch"))
-
-
-def describe_bn_stats(mode: str | None) -> str:
-    """How a result line names the mode."""
-    return {
-        "batch": "BatchNorm batch statistics (transductive)",
-        "support": "BatchNorm support-set moments",
-        "running": "BatchNorm running averages",
-    }.get(mode or "", "no BatchNorm")
 
 
 def moments_only(record: PyTree) -> PyTree:
@@ -166,6 +161,8 @@ def with_bn_stats(
     def adapt(meta: PyTree, algo_state: PyTree, sx: jax.Array, sy: jax.Array, key: jax.Array, steps: int):
         if mode == "batch":
             return plain.adapt(meta, own(algo_state), sx, sy, key, steps)
+        if mode == "support_query":
+            return plain.adapt(meta, own(algo_state), sx, sy, key, steps), sx
         if mode == "running":
             moments = algo_state.running
             return build(normalising_with(model, moments)).adapt(
@@ -179,6 +176,9 @@ def with_bn_stats(
     def predict(meta: PyTree, adapted: PyTree, x: jax.Array) -> jax.Array:
         if mode == "batch":
             return plain.predict(meta, adapted, x)
+        if mode == "support_query":
+            adapted, sx = adapted
+            return per_query(lambda q: plain.predict(meta, adapted, jnp.concatenate([sx, q]))[-1:], x)
         adapted, moments = adapted
         fixed = build(normalising_with(model, moments))
         return per_query(lambda q: fixed.predict(meta, adapted, q), x)

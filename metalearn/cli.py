@@ -326,9 +326,11 @@ def _train_command(cfg) -> float:
 
     from hydra.core.hydra_config import HydraConfig
 
+    from metalearn.selection import with_retrain_budget
     from metalearn.train import train
 
     hc = HydraConfig.get()
+    cfg = with_retrain_budget(cfg)  # before the run's record is written: it holds the steps
     if hc.output_subdir is None and hc.mode.name != "MULTIRUN":
         _defer_hydra_record(cfg, hc.runtime.output_dir)
     kept = [o for o in hc.overrides.task if override_key(o) != "trainer.resume"]

@@ -188,6 +188,11 @@ class TrainerConfig:
     # scripts/train/few_shot/train.py:99-114, patience 200 epochs); 0: never. The validation
     # records then carry the mean query loss ("loss").
     early_stop_patience: int = 0
+    # A run trained with early_stop_patience: trainer.steps becomes that run's best validation
+    # loss step + early_stop_patience validations of it (ProtoNet's retraining budget,
+    # jakesnell/prototypical-networks scripts/train/few_shot/trainval.py: best epoch + patience),
+    # for retraining with dataset.train_on_validation=true (metalearn/selection.py).
+    steps_from: str | None = None
     # Multi-host: "auto" calls jax.distributed.initialize() when the environment describes
     # a multi-process job (SLURM with more than one task, or JAX_COORDINATOR_ADDRESS);
     # "on" always calls it, "off" never.
@@ -452,6 +457,19 @@ def _check_across_groups(cfg: Any) -> None:
                 f"algo.{key}",
                 a[key],
                 "mean for regression (sum_over_shots divides a cross-entropy by the shots per class)",
+            )
+    if d.get("train_on_validation"):
+        for key, value, wanted in (
+            ("trainer.val_every", cfg.trainer.val_every, 0),
+            ("trainer.early_stop_patience", cfg.trainer.get("early_stop_patience", 0), 0),
+            ("eval.checkpoint", cfg.eval.get("checkpoint", "last"), "last"),
+            ("eval.split", cfg.eval.split, "test" if cfg.eval.split == "validation" else cfg.eval.split),
+        ):
+            need(
+                value == wanted,
+                key,
+                value,
+                f"{wanted} with dataset.train_on_validation=true (validation classes are training classes)",
             )
     if regression:
         need(m.name == "mlp", "model", m.name, "mlp for dataset=sinusoid (images need conv4 or resnet12)")

@@ -25,6 +25,7 @@ BN_PHRASES = {
     "batch": "BatchNorm batch statistics (transductive)",
     "support": "BatchNorm support-set moments",
     "running": "BatchNorm running averages",
+    "support_query": "BatchNorm support set plus one query",
 }
 
 

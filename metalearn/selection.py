@@ -216,3 +216,45 @@ def describe_rule(rule: str, top_k: int | None, by: str | None = None) -> str:
     if rule == "top_k":
         return f"top-{top_k} checkpoints by {what}, outputs averaged"
     return "last checkpoint"
+
+
+def retrain_steps(run_dir: str | Path) -> tuple[int, int]:
+    """``(steps, best_step)`` of ProtoNet's retraining on train+validation after a run
+    ``run_dir`` trained with ``trainer.early_stop_patience``: the step of its lowest
+    validation loss plus its patience in validations (jakesnell/prototypical-networks
+    scripts/train/few_shot/trainval.py: ``best_epoch + patience`` epochs). DataError (one
+    line) when the run has no validation loss to read."""
+    from metalearn.rundir import load_run_config
+
+    run_dir = Path(run_dir)
+    source = load_run_config(run_dir, "trainer.steps_from")
+    patience = int(source.trainer.get("early_stop_patience", 0) or 0)
+    metric = "mse" if source.dataset.name == "sinusoid" else "accuracy"
+    validations = [v for v in read_validations(run_dir, metric) if v.loss is not None]
+    if not patience or not validations:
+        raise DataError(
+            f"invalid trainer.steps_from={run_dir}: that run was not trained with "
+            "trainer.early_stop_patience (its validation records carry no loss to take the best step from)"
+        )
+    best = ranked(validations, metric, 1, by="loss")[0].step
+    return best + patience * int(source.trainer.val_every), best
+
+
+def with_retrain_budget(cfg: Any) -> Any:
+    """``cfg`` with ``trainer.steps`` from ``trainer.steps_from`` (:func:`retrain_steps`) when
+    that is set; unchanged otherwise. Idempotent."""
+    source = getattr(cfg.trainer, "steps_from", None)
+    if not source:
+        return cfg
+    from omegaconf import open_dict
+
+    steps, best = retrain_steps(source)
+    if cfg.trainer.steps != steps:
+        print(
+            f"metalearn: trainer.steps={steps} from {source} (its lowest validation loss at step {best}, "
+            f"plus its early-stopping patience)",
+            flush=True,
+        )
+    with open_dict(cfg):
+        cfg.trainer.steps = steps
+    return cfg

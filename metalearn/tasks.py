@@ -307,6 +307,25 @@ def _episode_indices(data: dict[str, Any], key: jax.Array, n_way: int, n_per_cla
     return uniform_indices(key, n_classes, per_class, n_way, n_per_class)
 
 
+def joined_classes(first: Any, second: Any) -> Any:
+    """The classes of two splits as one split: first's classes, then second's. Class-indexed
+    arrays (C, per_class, H, W, ch) of equal per_class stay one; otherwise a ClassImages."""
+    from metalearn.data.common import ClassImages
+
+    plain = not isinstance(first, ClassImages) and not isinstance(second, ClassImages)
+    if plain and first.shape[1:] == second.shape[1:]:
+        return np.concatenate([first, second])
+
+    def flat(split: Any) -> ClassImages:
+        if isinstance(split, ClassImages):
+            return split
+        counts = np.full(split.shape[0], split.shape[1], np.int64)
+        return ClassImages(split.reshape(-1, *split.shape[2:]), counts)
+
+    a, b = flat(first), flat(second)
+    return ClassImages(np.concatenate([a.images, b.images]), np.concatenate([a.counts, b.counts]))
+
+
 # Layout key of a split whose tasks are rotated when sampled (dataset.rotation_sampling).
 _ROTATE_MARK = "rotate_per_task"
 
@@ -326,6 +345,9 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     device, the arrays are moved to accelerator memory once and ``sample`` gathers from
     them inside jit; on the host, ``splits`` is empty and ``host`` gathers each batch.
     """
+    if getattr(cfg, "train_on_validation", False) and "validation" in arrays:
+        joined = joined_classes(arrays["train"], arrays["validation"])
+        arrays = {**{k: v for k, v in arrays.items() if k != "validation"}, "train": joined}
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
     k_query_test = getattr(cfg, "k_query_test", None)
     rotation_sampling = getattr(cfg, "rotation_sampling", "classes")

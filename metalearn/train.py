@@ -43,6 +43,7 @@ from metalearn.selection import (
     select_checkpoints,
     stop_early,
     validation_loss_wanted,
+    with_retrain_budget,
 )
 from metalearn.step import (
     Experiment,
@@ -88,6 +89,7 @@ def open_run(cfg: Any, run_dir: str | Path) -> OpenRun:
 
     Bad input (ConfigError) is raised before anything is written.
     """
+    cfg = with_retrain_budget(cfg)
     validate(cfg)
     check_training(cfg)
     t = cfg.trainer

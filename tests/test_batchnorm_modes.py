@@ -67,7 +67,7 @@ def _state(exp, cfg):
 _DEFAULT_RUN = {"maml", "protonet", "protomaml", "reptile"}
 
 
-@pytest.mark.parametrize("mode", ["support", "running", "batch"])
+@pytest.mark.parametrize("mode", ["support", "running", "support_query", "batch"])
 @pytest.mark.parametrize(
     "algo", [pytest.param(a, marks=() if a in _DEFAULT_RUN else pytest.mark.slow) for a in sorted(ALGORITHMS)]
 )
@@ -223,7 +223,7 @@ def test_eval_and_predict_honour_an_override_and_say_which_mode(image_runs, tmp_
         assert summary["bn_stats"] == mode and phrase in said[-1]
         probabilities[mode] = (out / "predictions.csv").read_text()
     # The mode is used, not only named: each normalises the queries differently.
-    assert len(set(probabilities.values())) == 3
+    assert len(set(probabilities.values())) == len(BN_PHRASES)
 
 
 def test_running_on_a_run_without_running_averages_is_one_line(image_runs):

@@ -37,6 +37,9 @@ ADDED: dict[str, object] = {
     "eval.rank_by": "metric",
     # Early stopping on the validation loss (metalearn/selection.py); 0 is never.
     "trainer.early_stop_patience": 0,
+    # ProtoNet's retraining on train+validation (tests/test_retrain_on_validation.py): off.
+    "trainer.steps_from": None,
+    "dataset.train_on_validation": False,
     # BatchNorm at evaluation (metalearn/batchnorm.py): the batch's statistics, as before;
     # the running averages' momentum is read only with bn_stats=running.
     "model.bn_stats": "batch",
@@ -84,7 +87,17 @@ _HTTYM_OMNIGLOT = {
     "dataset.split": "mamlpp",
     "dataset.rotation_sampling": "per_task_train_only",
 }
+# Each algorithm's default BatchNorm mode at evaluation follows its paper's code
+# (conf/algo_model/<algo>_<model>.yaml): ProtoNet's running averages (model.eval()), ProtoMAML's
+# support-set moments; on the datasets whose default model has BatchNorm.
+_PAPER_BATCHNORM_DEFAULTS = {
+    overrides: {"model.bn_stats": mode}
+    for algo, mode in (("protonet", "running"), ("protomaml", "support"))
+    for overrides in COMPOSED
+    if overrides.startswith(f"algo={algo} ") and "dataset=sinusoid" not in overrides
+}
 INTENDED: dict[str, dict[str, object]] = {
+    **_PAPER_BATCHNORM_DEFAULTS,
     "experiment=mamlpp_omniglot_5w1s": _HTTYM_OMNIGLOT,
     "experiment=mamlpp_omniglot_20w1s": _HTTYM_OMNIGLOT,
     "experiment=mamlpp_miniimagenet_5w1s": _HTTYM_MINI_IMAGENET,
@@ -154,6 +167,9 @@ def test_composes_to_the_recorded_values(overrides):
 # loop, so its schema has no algo.inner_steps_test and its results record 0 test-time steps
 # (they recorded the dataset's MAML default, 3, which ProtoNet never used).
 INTENTIONAL_RESULT_CHANGES = {"protonet": {"inner_steps_test": 0}}
+# The recorded runs evaluated with the batch's statistics, then every algorithm's default; the
+# algorithms whose default changed since (_PAPER_BATCHNORM_DEFAULTS) are rerun in that mode.
+RECORDED_BN_STATS = {"protonet": "model.bn_stats=batch", "protomaml": "model.bn_stats=batch"}
 
 
 def _strip(results: dict) -> dict:
@@ -178,7 +194,7 @@ def test_reference_run_is_bitwise_the_same(algo, tmp_path):
             pytest.skip("needs ../shared/data/omniglot")
         overrides = [o for o in overrides if not o.startswith("dataset.manual_dir=")]
         overrides += [f"dataset.manual_dir={SHARED_OMNIGLOT}", f"dataset.data_dir={tmp_path / 'data'}"]
-    cfg = _compose(overrides)
+    cfg = _compose(overrides + ([RECORDED_BN_STATS[algo]] if algo in RECORDED_BN_STATS else []))
     run_dir = tmp_path / "run"
     train(cfg, run_dir)
     assert metric_records(run_dir) == metric_records(recorded)

@@ -196,7 +196,10 @@ class ImageDatasetConfig(EpisodeConfig):
     where prepared data is kept (null: $METALEARN_DATA_DIR, else ~/tensorflow_datasets);
     placement: where episodes are sampled, "device" (the split in accelerator memory, sampled
     inside the jitted step), "host" (a background thread gathers and prefetches each batch,
-    prefetch batches ahead) or "auto" (device when the data fits)."""
+    prefetch batches ahead) or "auto" (device when the data fits); train_on_validation: the
+    training episodes draw from the training and the validation classes together (ProtoNet's
+    retraining on train+validation, jakesnell/prototypical-networks
+    scripts/train/few_shot/trainval.py; there is no validation then)."""
 
     n_way: int = 5
     k_shot: int = 1
@@ -207,6 +210,7 @@ class ImageDatasetConfig(EpisodeConfig):
     data_dir: str | None = None
     placement: str = "auto"
     prefetch: int = 2
+    train_on_validation: bool = False
 
     @classmethod
     def check(cls, d: Any, cfg: Any) -> None:

@@ -8,8 +8,9 @@ also be built context-conditioned (``make_model(..., context_size=C)``, CAVIA/CA
 Conv4 and ResNet-12 use BatchNorm with the statistics of the current batch at train time.
 At evaluation ``model.bn_stats`` chooses (metalearn/batchnorm.py, docs/algorithms.md):
 "batch" (the default: the query set of one task is normalised with its own statistics, the
-transductive setting of the MAML paper's code), "support" (the support set's moments) or
-"running" (running averages from training). A Model built by :func:`normalising_with`
+transductive setting of the MAML paper's code), "support" (the support set's moments),
+"running" (running averages from training) or "support_query" (each query in one batch with
+the support set, supervised-reptile's non-transductive evaluation). A Model built by :func:`normalising_with`
 normalises with given moments; one built by :func:`recording` records its batch moments.
 
 Convolutions default to ``conv_impl="im2col"``: the 3x3 patches are gathered with nine
@@ -59,7 +60,7 @@ Params = Any
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 CONV_IMPLS = ("im2col", "xla")
 # BatchNorm statistics at evaluation (model.bn_stats; metalearn/batchnorm.py).
-BN_STATS = ("batch", "support", "running")
+BN_STATS = ("batch", "support", "running", "support_query")
 
 
 @dataclass
@@ -93,7 +94,8 @@ class ConvNetworkConfig(NetworkConfig):
     under vmap on CPU) or "xla" (lax.conv); BatchNorm with a learned scale besides the offset
     (bn_scale false: offset only, as cbfinn/maml's tf.contrib.layers.batch_norm) and the
     epsilon added to the variance (TF's default 1e-3). bn_stats: the BatchNorm statistics at
-    evaluation, "batch" (transductive), "support" or "running" (metalearn/batchnorm.py);
+    evaluation, "batch" (transductive), "support", "running" or "support_query"
+    (metalearn/batchnorm.py);
     bn_momentum: the weight of each new batch in the running averages (PyTorch's 0.1), used
     only with bn_stats=running."""
 
