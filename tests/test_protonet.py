@@ -108,6 +108,33 @@ def test_protonet_logits_equal_hand_written_distances(float64):
     np.testing.assert_allclose(metrics["accuracy"], np.mean(expected.argmax(axis=1) == yq))
 
 
+def test_joint_batchnorm_normalises_support_and_query_as_one_batch(float64):
+    """algo.joint_bn: the training loss of an episode embedded as one batch (the authors'
+    few_shot.py), against the same network's features of the concatenated batch by another
+    route; and it differs from embedding the two sets apart (so the switch is used)."""
+    cfg = _cfg("protonet")
+    cfg.algo.joint_bn = True
+    problem = _problem(cfg)
+    algo = make_algorithm(cfg.algo, problem)
+    params = _to64(algo.init(jax.random.PRNGKey(0)))
+    task = _task(problem)
+    both = _features_with_identity_head(cfg, problem, params, jnp.concatenate([task.support_x, task.query_x]))
+    ns, n_way = len(task.support_y), cfg.dataset.n_way
+    zs, zq, ys, yq = both[:ns], both[ns:], np.asarray(task.support_y), np.asarray(task.query_y)
+    centers = np.stack([zs[ys == k].mean(axis=0) for k in range(n_way)])
+    logits = -((zq[:, None, :] - centers[None]) ** 2).sum(axis=-1)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_p[np.arange(len(yq)), yq])
+
+    tasks = jax.tree.map(lambda v: v[None], task)
+    _, _, metrics = jax.jit(algo.meta_grad)(params, (), tasks, jax.random.PRNGKey(1), 0)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-10)
+    cfg.algo.joint_bn = False
+    apart = make_algorithm(cfg.algo, problem)
+    _, _, separate = jax.jit(apart.meta_grad)(params, (), tasks, jax.random.PRNGKey(1), 0)
+    assert abs(float(separate["loss"]) - expected) > 1e-6
+
+
 def test_protomaml_initial_head_reproduces_protonet_exactly(float64):
     net_cfg, pm_cfg = _cfg("protonet"), _cfg("protomaml")
     problem = _problem(pm_cfg)

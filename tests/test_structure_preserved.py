@@ -40,6 +40,8 @@ ADDED: dict[str, object] = {
     # ProtoNet's retraining on train+validation (tests/test_retrain_on_validation.py): off.
     "trainer.steps_from": None,
     "dataset.train_on_validation": False,
+    # ProtoNet: support and query as two batches in training, as before.
+    "algo.joint_bn": False,
     # BatchNorm at evaluation (metalearn/batchnorm.py): the batch's statistics, as before;
     # the running averages' momentum is read only with bn_stats=running.
     "model.bn_stats": "batch",
@@ -72,6 +74,9 @@ _HTTYM_MINI_IMAGENET = {
 _SNELL_BATCHNORM = {
     # jakesnell/prototypical-networks eval.py:16: model.eval(), BatchNorm with running averages.
     "model.bn_stats": "running",
+    # jakesnell/prototypical-networks protonets/models/few_shot.py:39-42: support and query
+    # embedded as one batch in training.
+    "algo.joint_bn": True,
 }
 _SNELL_OMNIGLOT = {
     **_SNELL_BATCHNORM,

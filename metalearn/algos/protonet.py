@@ -14,9 +14,12 @@ There is no inner loop: adapting to a task is computing its prototypes (``steps`
 ignored). The outer objective is the mean over tasks of the query cross-entropy; its
 gradient flows through the query embeddings and the prototypes.
 
-Support and query sets are embedded as two batches, so BatchNorm's batch statistics (the
-models are transductive, see metalearn/models.py) are those of the support set for the
-prototypes and of the query set for the queries, at training and at test time alike.
+Support and query sets are embedded as two batches, so BatchNorm's batch statistics are
+those of the support set for the prototypes and of the query set for the queries; with
+``algo.joint_bn`` the training loss embeds them as one batch (the authors' code,
+jakesnell/prototypical-networks protonets/models/few_shot.py:39-42), so both are normalised
+with the episode's statistics. At evaluation ``model.bn_stats`` decides
+(metalearn/batchnorm.py).
 
 Training episodes may have more ways than test episodes (``dataset.n_way_train``, as in
 the paper): the number of classes is not fixed by any parameter.
@@ -49,7 +52,11 @@ from metalearn.tasks import Task
 @schema("algo", "protonet")
 @dataclass
 class ProtoNetConfig(ChoiceConfig):
-    """No keys: there is no inner loop (dataset.n_way_train sets the training episodes' ways)."""
+    """No inner loop (dataset.n_way_train sets the training episodes' ways). joint_bn: the
+    training loss embeds support and query as one batch (one set of BatchNorm statistics per
+    episode, as the authors' code) instead of two."""
+
+    joint_bn: bool = False
 
 
 HEAD = "head"
@@ -103,8 +110,8 @@ def distance_logits(z: jax.Array, protos: Prototypes) -> jax.Array:
 
 
 def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
-    """cfg: a ProtoNetConfig (no settings: there is no inner loop)."""
-    del cfg
+    """cfg: a ProtoNetConfig."""
+    joint_bn = bool(getattr(cfg, "joint_bn", False))
     model, source = problem.model, problem.source
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
@@ -114,8 +121,15 @@ def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
     def predict(params: Any, protos: Prototypes, x: jax.Array) -> jax.Array:
         return distance_logits(embed(model, params, x), protos)
 
+    def episode_logits(params: Any, task: Task, key: jax.Array) -> jax.Array:
+        if not joint_bn:
+            return predict(params, adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
+        z = embed(model, params, jnp.concatenate([task.support_x, task.query_x]))
+        n_support = task.support_x.shape[0]
+        return distance_logits(z[n_support:], prototypes(z[:n_support], task.support_y))
+
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = predict(params, adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
+        logits = episode_logits(params, task, key)
         return source.loss(logits, task.query_y), source.metric(logits, task.query_y)
 
     return stateless_learner(
