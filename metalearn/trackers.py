@@ -183,6 +183,17 @@ def default_store() -> tuple[str, str]:
     return f"sqlite:///{outputs / 'mlflow.db'}", (outputs / "mlartifacts").as_uri()
 
 
+def prepare_stores(cfg: Any) -> None:
+    """Create the default MLflow database (its tables) before a sweep's jobs start, so that
+    jobs running in parallel do not all create it at once."""
+    if "mlflow" in chosen(cfg) and cfg.logger.mlflow.tracking_uri is None:
+        from mlflow.tracking import MlflowClient
+
+        uri, _ = default_store()
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        _retrying(MlflowClient(tracking_uri=uri).search_experiments)
+
+
 class MlflowTracker:
     """One MLflow run, through MlflowClient (no global active run, so runs never mix)."""
 
