@@ -57,17 +57,31 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_mlflow_run_holds_config_metrics_result_and_files_and_a_resume_appends(tmp_path):
+def _mlflow_run(tmp_path: Path):
+    """A 40-step run with logger=mlflow: (run dir, MlflowClient of its store, MLflow run)."""
     pytest.importorskip("mlflow", reason='needs the mlflow extra: pip install "metalearn[mlflow]"')
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
     run_cli("train", "logger=mlflow", "trainer.steps=40", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     state = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
-    assert state["tracking_uri"] == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"  # the default store
     client = MlflowClient(tracking_uri=state["tracking_uri"])
-    run = client.get_run(state["run_id"])
-    assert run.info.status == "FINISHED"
+    return run_dir, client, client.get_run(state["run_id"])
+
+
+def _histories(client, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
+    return {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in keys
+    }
+
+
+def test_mlflow_run_holds_config_metrics_result_and_files(tmp_path):
+    run_dir, client, run = _mlflow_run(tmp_path)
+    state = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    assert state["tracking_uri"] == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"  # the default store
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert client.get_experiment(run.info.experiment_id).name == "metalearn"  # not a sweep
 
     # Parameters: every leaf of the composed config (lists as JSON), and the protocol.
     composed = _flat(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml")))
@@ -79,19 +93,21 @@ def test_mlflow_run_holds_config_metrics_result_and_files_and_a_resume_appends(t
         assert params[f"protocol.{key}"] == str(value), key
     assert params["model.hidden"] == "[8]" and params["trainer.steps"] == "40"
 
-    def histories():
-        return {
-            key: [
-                (m.step, m.value)
-                for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-            ]
-            for key in _expected_history(run_dir)
-        }
-
-    assert histories() == _expected_history(run_dir)
-    assert client.get_run(run.info.run_id).data.metrics["test/mse"] == results["test"]["mean"]
+    assert _histories(client, run.info.run_id, _expected_history(run_dir)) == _expected_history(run_dir)
+    assert run.data.metrics["test/mse"] == results["test"]["mean"]
+    assert run.data.metrics["test/ci95"] == results["test"]["ci95"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "results.json", "learning_curve.png"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "results.json", str(tmp_path)))
+    assert json.loads(local.read_text()) == results
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_run_and_predict_adds_its_predictions(tmp_path):
+    run_dir, client, run = _mlflow_run(tmp_path)
+
+    def histories():
+        return _histories(client, run.info.run_id, _expected_history(run_dir))
 
     # Resume from the checkpoint at step 20 (the one at 40 removed): steps 30 and 40 are logged
     # again to metrics.jsonl, not to MLflow; 50 and 60 are new; still one run.
