@@ -36,12 +36,18 @@ class SweepDirCallback(Callback):
 
 def parallel_jobs() -> int:
     """Jobs at once for hydra/launcher=joblib: METALEARN_JOBS if set; else with GPUs visible,
-    METALEARN_JOBS_PER_DEVICE (default 1) per GPU; else one per 4 CPU cores (at least 1)."""
+    METALEARN_JOBS_PER_DEVICE (default 1) per GPU, each job then given 0.9 / that of a GPU's
+    memory (XLA_PYTHON_CLIENT_MEM_FRACTION, unless set); else one per 4 CPU cores (at least 1).
+    Every job sees every visible GPU and JAX uses the first: on a machine with several GPUs,
+    give each sweep its own (CUDA_VISIBLE_DEVICES) or use hydra/launcher=slurm."""
     if os.environ.get("METALEARN_JOBS"):
         return max(1, int(os.environ["METALEARN_JOBS"]))
     gpus = visible_gpus()
     if gpus:
-        return gpus * max(1, int(os.environ.get("METALEARN_JOBS_PER_DEVICE", "1")))
+        per_device = max(1, int(os.environ.get("METALEARN_JOBS_PER_DEVICE", "1")))
+        if per_device > 1:  # JAX takes 75% of a GPU per process: share it (the jobs inherit this)
+            os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / per_device:.2f}")
+        return gpus * per_device
     return max(1, (os.cpu_count() or 1) // 4)
 
 
