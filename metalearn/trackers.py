@@ -255,7 +255,10 @@ def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> 
     if found is not None:
         return found.experiment_id
     try:
-        return _retrying(client.create_experiment, name, artifact_location=artifact_location)
+        # The experiment kind makes MLflow's UI open on its runs table (model training), not
+        # on the GenAI traces view.
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        return _retrying(client.create_experiment, name, artifact_location=artifact_location, tags=tags)
     except Exception:
         found = _retrying(client.get_experiment_by_name, name)
         if found is None:
