@@ -290,7 +290,6 @@ class WandbTracker:
             settings=wandb.Settings(mode=self.mode, console="off", silent=True, x_disable_stats=True),
         )
         self.state = {"run_id": run_id, "dir": str(root.absolute())}
-        self.files_dir = Path(self.run.dir) if self.run is not None else None
 
     def log_params(self, params: dict[str, str]) -> None:
         self.run.config.update(params, allow_val_change=True)
