@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from metalearn.overrides import (
@@ -164,6 +165,10 @@ def precheck(config_name: str, overrides: list[str], multirun: bool) -> str | No
         validate(cfg)
     except MetalearnError as err:
         _fail(str(err))
+    if multirun:  # the trackers' stores made once here, not by parallel jobs at the same time
+        from metalearn.trackers import prepare_stores
+
+        prepare_stores(cfg)
     return _precheck_output(overrides_all, cfg, multirun, default_dir)
 
 
@@ -297,6 +302,9 @@ def _run_guarded(fn, cfg) -> float | None:
                 raise
             raise _out_of_memory(err, fn) from err
     except Preempted as err:
+        from metalearn.launchers import requeue
+
+        requeue(out)  # under submitit: requeued and resumed later (does not return)
         _fail(str(err), err.exit_code)  # also ends a sweep: the machine is going away
     except MetalearnError as err:
         if multirun:
@@ -321,6 +329,22 @@ def _run_guarded(fn, cfg) -> float | None:
         _STATE["failed_jobs"].append(str(out))
 
 
+def _collect_failed_jobs(since: float) -> None:
+    """The jobs of this sweep that a launcher ran in other processes and that failed: their
+    error.txt (written by :func:`_run_guarded` in the job), newer than ``since``."""
+    from metalearn.launchers import LAUNCHED
+
+    if "sweep_dir" not in LAUNCHED:
+        return
+    jobs = [p.parent.parent for p in Path(LAUNCHED["sweep_dir"]).glob("*/.hydra/config.yaml")]
+    jobs = [j for j in jobs if (j / ".hydra" / "config.yaml").stat().st_mtime >= since - 1]
+    _STATE["jobs"] = len(jobs)
+    for job in sorted(jobs):
+        error = job / "error.txt"
+        if error.is_file() and error.stat().st_mtime >= since - 1:
+            _STATE["failed_jobs"].append(str(job))
+
+
 def _train_command(cfg) -> float:
     import shlex
 
@@ -333,6 +357,10 @@ def _train_command(cfg) -> float:
     cfg = with_retrain_budget(cfg)  # before the run's record is written: it holds the steps
     if hc.output_subdir is None and hc.mode.name != "MULTIRUN":
         _defer_hydra_record(cfg, hc.runtime.output_dir)
+    from metalearn.launchers import take_requeue_marker
+
+    if take_requeue_marker(hc.runtime.output_dir):  # a submitit job requeued after its stop
+        cfg.trainer.resume = True
     kept = [o for o in hc.overrides.task if override_key(o) != "trainer.resume"]
     resume = [*kept, "trainer.resume=true", f"hydra.run.dir={hc.runtime.output_dir}"]
     results = train(cfg, hc.runtime.output_dir, "metalearn train " + shlex.join(resume))
@@ -381,11 +409,29 @@ def _predict_command(cfg) -> None:
 
     from metalearn.predict import run_predict
     from metalearn.run_config import resolve
+    from metalearn.runlog import log_prediction
 
     hc = HydraConfig.get()
-    run_predict(
-        resolve(cfg.run_dir, user_overrides(list(hc.overrides.task)), cfg, "predict"), hc.runtime.output_dir
-    )
+    out = Path(hc.runtime.output_dir)
+    run_predict(resolve(cfg.run_dir, user_overrides(list(hc.overrides.task)), cfg, "predict"), out)
+    # Also a file of the training run's tracker runs, if it has any (its trackers.json).
+    files = [out / name for name in ("predictions.csv", "summary.json") if (out / name).is_file()]
+    log_prediction(cfg.run_dir, files, f"predict/{out.name}")
+
+
+def _register_resolvers() -> None:
+    """``${metalearn_jobs:}``: jobs at once of hydra/launcher=joblib (metalearn/launchers.py).
+    Registered when this module is imported, so the launcher's worker processes (which import
+    it to run the pickled job function) resolve it too."""
+    from omegaconf import OmegaConf
+
+    from metalearn.launchers import parallel_jobs
+
+    if not OmegaConf.has_resolver("metalearn_jobs"):
+        OmegaConf.register_new_resolver("metalearn_jobs", parallel_jobs)
+
+
+_register_resolvers()
 
 
 def _hydra_entry(config_name: str, command):
@@ -474,7 +520,15 @@ def _main(argv: list[str] | None) -> None:
             # not by Hydra at job start (a refused resume must leave it as it was).
             rest = [*rest, "hydra.output_subdir=null"]
     sys.argv = [f"metalearn {command}", *rest]
+    import warnings
+
+    # conf/hydra/launcher/joblib.yaml replaces the plugin's config of that name on purpose
+    # (Hydra validates it against the plugin's schema, and says so with a deprecation warning).
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore")
+    started = time.time()
     _hydra_entry(config_name, fn)()
+    if _STATE["jobs"] == 0:  # a multirun whose jobs ran in other processes (joblib, submitit)
+        _collect_failed_jobs(started)
     failed = _STATE["failed_jobs"]
     if failed:
         _fail(f"{len(failed)} of {_STATE['jobs']} sweep jobs failed (see error.txt in {', '.join(failed)})")

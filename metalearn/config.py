@@ -24,12 +24,16 @@ from omegaconf import MISSING
 from metalearn.errors import ConfigError
 
 # group -> choice name -> schema dataclass (filled by @schema as the modules are imported).
-SCHEMAS: dict[str, dict[str, type]] = {"algo": {}, "dataset": {}, "model": {}}
+SCHEMAS: dict[str, dict[str, type]] = {"algo": {}, "dataset": {}, "model": {}, "logger": {}}
+# The groups of which a config holds exactly one choice (cfg.<group>.name); ``logger`` takes
+# any number at once (logger=[mlflow,wandb], each under logger.<name>; metalearn/trackers.py).
+CHOICE_GROUPS = ("algo", "dataset", "model")
 # The modules whose import registers every schema of the per-choice groups.
 _SCHEMA_MODULES = (
     "metalearn.algos",
     "metalearn.models",
     "metalearn.tasks",
+    "metalearn.trackers",
     *(
         f"metalearn.data.{m}"
         for m in ("omniglot", "mini_imagenet", "cifar_fewshot", "image_folder", "tfds_source")
@@ -41,6 +45,7 @@ def schema(group: str, *names: str) -> Callable[[type], type]:
     """Class decorator: the dataclass is the schema of ``conf/<group>/<name>.yaml`` for each name."""
 
     def register(cls: type) -> type:
+        SCHEMAS.setdefault(group, {})
         for name in names:
             SCHEMAS[group][name] = cls
         return cls
@@ -324,6 +329,25 @@ class PaperConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where a run is tracked besides metrics.jsonl: ``logger=mlflow``, ``logger=wandb`` or
+    both (``logger=[mlflow,wandb]``) fill ``mlflow`` / ``wandb`` with their schemas
+    (metalearn/trackers.py); null: not used. ``logger=tensorboard`` sets trainer.tensorboard.
+    group: the MLflow experiment and W&B group (null: the sweep dir of a multirun, else
+    "metalearn")."""
+
+    group: str | None = None
+    mlflow: Any = None
+    wandb: Any = None
+
+    @classmethod
+    def check(cls, section: Any, cfg: Any) -> None:
+        for name, tracker in schemas("logger").items():
+            if section.get(name) is not None:
+                tracker.check(section[name], cfg)
+
+
+@dataclass
 class Config:
     # One schema per choice (SCHEMAS), set by the group's YAML (conf/algo/<name>.yaml, ...).
     algo: Any = MISSING
@@ -333,6 +357,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # Experiment trackers besides metrics.jsonl (conf/logger/, metalearn/trackers.py).
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Set by experiment presets: the paper's reported result for this setting.
     paper: PaperConfig = field(default_factory=PaperConfig)
     seed: int = 0
@@ -354,6 +380,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "attack": AttackConfig,
     "preprocess": PreprocessConfig,
+    "logger": LoggerConfig,
 }
 
 
@@ -396,7 +423,7 @@ def from_stored(stored: dict[str, Any]) -> Any:
         if old_key in stored.get(group, {}):
             stored[group][new_key] = stored[group].pop(old_key)
     sections = {}
-    for group in SCHEMAS:
+    for group in CHOICE_GROUPS:
         values = stored.pop(group)
         fields = schemas(group)[values["name"]].__dataclass_fields__
         sections[group] = section_config(group, {k: v for k, v in values.items() if k in fields})
@@ -414,7 +441,7 @@ def validate(cfg: Any) -> None:
     """
     from omegaconf import OmegaConf
 
-    for group in SCHEMAS:
+    for group in CHOICE_GROUPS:
         name = cfg[group].name
         one_of(name, f"{group}.name", sorted(schemas(group)))
         kind = OmegaConf.get_type(cfg[group])

@@ -89,8 +89,11 @@ class StopSignals:
         self.signum = signum
 
     def __enter__(self) -> StopSignals:
+        from metalearn.launchers import extra_stop_signals
+
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            # Under submitit also its pre-emption signal (metalearn/launchers.py: requeue).
+            for sig in self.SIGNALS + extra_stop_signals():
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -219,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     suite = suites[args.suite]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite.seeds
     out = args.out or Path("outputs/reproduce") / args.suite / time.strftime("%Y-%m-%d_%H-%M-%S")
+    # One tracker group (MLflow experiment, W&B group) for the suite's runs, if a logger is chosen.
+    extra = [f"logger.group=reproduce/{args.suite}/{out.name}", *args.overrides]
     jobs, notes = plan(
-        suite, seeds, out.resolve(), args.manual_dir, args.data_dir, args.overrides, args.mini_imagenet_dir
+        suite, seeds, out.resolve(), args.manual_dir, args.data_dir, extra, args.mini_imagenet_dir
     )
     for note in notes:
         print(f"metalearn reproduce: {note}", flush=True)

@@ -23,15 +23,16 @@ from jax.sharding import Mesh
 from metalearn.algos import test_steps
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
-from metalearn.distributed import NullLogger, is_main_process, maybe_initialize, shared_run_dir
+from metalearn.distributed import is_main_process, maybe_initialize, shared_run_dir
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.evaluation import evaluate_params, final_line, final_results, make_evaluator
 from metalearn.loop_control import BlockLengths, Preempted, StopSignals, any_process_signalled
-from metalearn.metrics import JsonlLogger, format_summary, write_json
+from metalearn.metrics import format_summary, write_json
 from metalearn.prefetch import HostPrefetcher
 from metalearn.preprocess import record_run
 from metalearn.protocol import describe_protocol, protocol_of
 from metalearn.rundir import commit_record
+from metalearn.runlog import RunLog
 from metalearn.selection import (
     Validation,
     check_training,
@@ -76,6 +77,8 @@ class OpenRun(NamedTuple):
     state: TrainState
     main: bool
     process_note: str
+    # Where every record goes: metrics.jsonl and the chosen trackers (metalearn/runlog.py).
+    log: Any = None
 
     def say(self, *args: Any, **kwargs: Any) -> None:
         """print, on the main process only."""
@@ -127,6 +130,8 @@ def open_run(cfg: Any, run_dir: str | Path) -> OpenRun:
         )
     if main:  # the run's .hydra/ record (metalearn.rundir, set by the CLI), now that it is checked
         commit_record(run_dir)
+    # metrics.jsonl and the trackers of cfg.logger (a resumed run reopens its tracker runs).
+    run = run._replace(log=RunLog(run_dir, cfg, writes=main))
     # Restored arrays follow the template's sharding; put them in place anyway, at no cost.
     return run._replace(state=replicate(state, mesh))
 
@@ -141,8 +146,12 @@ def train(cfg: Any, run_dir: str | Path, resume_command: str | None = None) -> d
     """
     run = open_run(cfg, run_dir)
     resume_command = resume_command or f"metalearn train ... trainer.resume=true hydra.run.dir={run.run_dir}"
-    state, timings = train_loop(run, resume_command)
-    return finish_run(run, state, timings)
+    try:
+        state, timings = train_loop(run, resume_command)
+        return finish_run(run, state, timings)
+    except BaseException as err:  # the tracker runs are closed as stopped (resume reopens them)
+        run.log.end("KILLED" if isinstance(err, Preempted | KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str, Any]]:
@@ -190,9 +199,8 @@ def train_loop(run: OpenRun, resume_command: str) -> tuple[TrainState, dict[str,
         batches = HostPrefetcher(
             exp.source, state.key, t.meta_batch_size, mesh, start_step, t.steps, cfg.dataset.prefetch
         )
-    # metrics.jsonl, mirrored to TensorBoard event files in the run dir if trainer.tensorboard.
-    metrics_path = run_dir / "metrics.jsonl"
-    logger = JsonlLogger(metrics_path, tensorboard=t.tensorboard) if run.main else NullLogger()
+    # metrics.jsonl (TensorBoard too if trainer.tensorboard) and the trackers (cfg.logger).
+    logger = run.log if run.log is not None else RunLog(run_dir, cfg, writes=run.main)
     _announce(run)
     # eval.checkpoint=best/top_k: every validation step is checkpointed, and retention keeps
     # the best by validation so far besides the newest keep_checkpoints (metalearn/selection.py).
@@ -300,6 +308,8 @@ def finish_run(run: OpenRun, state: TrainState, timings: dict[str, Any]) -> dict
     if run.main:  # multi-process hook
         write_json(run.run_dir / "results.json", results)
     run.say(final_line(results, cfg, run.run_dir / "results.json"), flush=True)
+    if run.log is not None:
+        run.log.finish(results, run.say)
     return results
 
 

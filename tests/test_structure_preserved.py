@@ -46,6 +46,10 @@ ADDED: dict[str, object] = {
     # the running averages' momentum is read only with bn_stats=running.
     "model.bn_stats": "batch",
     "model.bn_momentum": 0.1,
+    # Experiment trackers (metalearn/trackers.py); none chosen is metrics.jsonl only, as before.
+    "logger.group": None,
+    "logger.mlflow": None,
+    "logger.wandb": None,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
