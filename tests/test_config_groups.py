@@ -132,7 +132,7 @@ def test_a_flat_config_of_an_earlier_release_loads_without_foreign_keys():
         "seed": 4,
     }
     cfg = from_stored(flat)
-    assert OmegaConf.to_container(cfg.algo) == {"name": "protonet"}
+    assert OmegaConf.to_container(cfg.algo) == {"name": "protonet", "joint_bn": False}
     assert "rotations" not in cfg.dataset and cfg.dataset.k_shot == 5
     assert OmegaConf.to_container(cfg.model) == {"name": "mlp", "compute_dtype": "float32", "hidden": [8]}
     assert cfg.seed == 4
