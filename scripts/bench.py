@@ -276,12 +276,13 @@ def bench_one(
     peak_flops: float | None = None,
     peak_bytes: float | None = None,
     count_only: bool = False,
+    pool_impl: str = "reduce_window",
 ) -> dict:
     """One row (see the module docstring). ``count_only``: compile and count the step
     (FLOPs, bytes, XLA memory) without running it; the timing fields are then None."""
     exp, source, default_batch = workload_experiment(
         workload,
-        {"conv_impl": conv_impl, "compute_dtype": compute_dtype},
+        {"conv_impl": conv_impl, "pool_impl": pool_impl, "compute_dtype": compute_dtype},
         {"name": algo, "inner_steps": inner_steps, "remat": remat},
         placement,
     )
@@ -334,6 +335,7 @@ def bench_one(
         "algo": algo,
         "inner_steps": inner_steps,
         "conv_impl": conv_impl,
+        "pool_impl": pool_impl,
         "meta_batch": batch,
         "remat": remat,
         "compute_dtype": compute_dtype,
@@ -374,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algos", default="maml,fomaml")
     parser.add_argument("--inner-steps", default="1")
     parser.add_argument("--conv-impl", default="im2col")
+    parser.add_argument(
+        "--pool-impl", default="reduce_window", help="comma list of model.pool_impl values (max-pool models)"
+    )
     parser.add_argument("--meta-batch", default="", help="comma list; default: each workload's paper value")
     parser.add_argument("--remat", default="false", help="comma list of true/false")
     parser.add_argument("--dtype", default="float32", help="comma list of model.compute_dtype values")
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     header = (
-        f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'batch':>5} {'remat':<5} "
+        f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'pool':<6} {'batch':>5} {'remat':<5} "
         f"{'dtype':<8} {'place':<6} {'spc':>4} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} "
         f"{'peak MB':>9} {'XLA MB':>8} {'GF/step':>9} {'GB/step':>8} {'F/B':>6} {'roof':<7} "
         f"{'GF/s':>8} {'%peak':>6} {'%bw':>6} {'%roof':>6}"
@@ -449,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             algo=algo,
             inner_steps=k,
             conv_impl=impl,
+            pool_impl=pool,
             meta_batch=mb,
             remat=remat,
             min_steps=args.min_steps,
@@ -460,11 +466,12 @@ def main(argv: list[str] | None = None) -> None:
             peak_bytes=peaks[dtype][1],
             count_only=args.count_only,
         )
-        for workload, algo, k, impl, mb, remat, dtype, placement, spc in itertools.product(
+        for workload, algo, k, impl, pool, mb, remat, dtype, placement, spc in itertools.product(
             split(args.workloads),
             split(args.algos),
             map(int, split(args.inner_steps)),
             split(args.conv_impl),
+            split(args.pool_impl),
             [int(b) for b in split(args.meta_batch)] or [None],
             [r.lower() == "true" for r in split(args.remat)],
             split(args.dtype),
@@ -474,7 +481,11 @@ def main(argv: list[str] | None = None) -> None:
         # the sinusoid MLP has no convolutions: one conv_impl is enough
         if not (
             workload == "sinusoid"
-            and (impl != split(args.conv_impl)[0] or placement != split(args.placement)[0])
+            and (
+                impl != split(args.conv_impl)[0]
+                or placement != split(args.placement)[0]
+                or pool != split(args.pool_impl)[0]
+            )
         )
     ]
     for spec in specs:
@@ -493,6 +504,7 @@ def format_row(row: dict) -> str:
 
     return (
         f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
+        f"{row.get('pool_impl', 'reduce_window')[:6]:<6} "
         f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} {row['placement']:<6} "
         f"{row['steps_per_call']:>4} {num(row['steps_per_s'], '>9.2f')} {num(row['tasks_per_s'], '>9.1f')} "
         f"{row['compile_s']:>9.1f} {row['peak_memory_mb']:>9.0f} {num(row['xla_memory_mb'], '>8.0f')} "

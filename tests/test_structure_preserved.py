@@ -41,6 +41,8 @@ ADDED: dict[str, object] = {
     # the running averages' momentum is read only with bn_stats=running.
     "model.bn_stats": "batch",
     "model.bn_momentum": 0.1,
+    # How the conv models' max-pools are written (metalearn/models/layers.py): flax's, as before.
+    "model.pool_impl": "reduce_window",
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
