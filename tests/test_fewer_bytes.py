@@ -51,7 +51,9 @@ def _maml_meta_grad(model: dict, pool_impl: str):
         algo={"name": "maml", "inner_lr": 0.1, "inner_steps": 2},
     )
     source = image_source(cfg.dataset, synthetic_image_arrays(n_classes=6, per_class=6, size=12))
-    algo = make_algorithm(cfg.algo, Problem(make_model(cfg.model, source.input_shape, source.output_dim), source))
+    algo = make_algorithm(
+        cfg.algo, Problem(make_model(cfg.model, source.input_shape, source.output_dim), source)
+    )
     params = jax.tree.map(lambda a: a.astype(jnp.float64), algo.init(jax.random.PRNGKey(0)))
     keys = jax.random.split(jax.random.PRNGKey(1), 2)
     tasks = jax.vmap(source.sample, in_axes=(None, 0))(source.splits["train"], keys)
@@ -68,10 +70,12 @@ def _maml_meta_grad(model: dict, pool_impl: str):
 @pytest.mark.parametrize(
     "model",
     [
-        {"name": "conv4", "filters": 4, "blocks": 2, "downsample": "maxpool"},
-        {"name": "resnet12", "channels": [4, 6]},
+        pytest.param(
+            {"name": "conv4", "filters": 4, "blocks": 2, "downsample": "maxpool"}, id="conv4_maxpool"
+        ),
+        # About a minute of compiling (two float64 second-order ResNet-12 steps): slow tier.
+        pytest.param({"name": "resnet12", "channels": [4, 6]}, id="resnet12", marks=pytest.mark.slow),
     ],
-    ids=["conv4_maxpool", "resnet12"],
 )
 def test_reshape_pool_gives_the_same_second_order_meta_gradient(float64, model):
     ours, our_metrics = _maml_meta_grad(model, "reshape")
