@@ -21,6 +21,13 @@ against a measured streaming bandwidth (an elementwise pass over a large array; 
 --peak-gbps). XLA's byte count assumes no cache reuse across its fused kernels, so %bw is
 an upper estimate of memory traffic.
 
+Beside GF/step: "GB/step" (XLA's bytes accessed per step, counted like the FLOPs), "F/B" the
+step's arithmetic intensity (FLOPs per byte), "roof" the roof that bounds the step on this
+device ("memory" where F/B is below the ridge point, measured peak FLOP/s / measured
+bandwidth, else "compute") and "%roof" the achieved FLOP/s against that roof
+(min(peak, F/B x bandwidth)). --count-only compiles and counts without running the step
+(cheap, and independent of whatever else runs on the machine); its timing columns are "-".
+
 --steps-per-call N times blocks of N meta-steps per call (the training loop's
 ``make_meta_block``) instead of one call per step; the gap shows the dispatch cost.
 
@@ -28,6 +35,7 @@ an upper estimate of memory traffic.
     python scripts/bench.py --workloads omniglot_5w1s --algos maml,fomaml --inner-steps 1,5
     python scripts/bench.py --conv-impl im2col,xla --workloads omniglot_5w1s
     python scripts/bench.py --workloads sinusoid --algos maml --steps-per-call 1,100
+    python scripts/bench.py --count-only --workloads miniimagenet_5w1s --algos maml --inner-steps 5
 
 Prints a table and appends JSON lines to --out (default outputs/bench/bench.jsonl).
 """
@@ -158,6 +166,36 @@ def step_cost(compiled, make_step, state, data) -> tuple[float | None, float | N
     return (None if flops is None else float(flops)), (None if nbytes is None else float(nbytes)), how
 
 
+def roofline(
+    flops: float | None, nbytes: float | None, peak_flops: float | None, peak_bytes: float | None
+) -> dict:
+    """Where a step of ``flops`` FLOPs and ``nbytes`` bytes accessed stands on the roofline
+    of a device with peaks ``peak_flops`` (FLOP/s) and ``peak_bytes`` (bytes/s).
+
+    ``arithmetic_intensity``: FLOPs per byte of the step; ``ridge_intensity``: the device's
+    FLOPs per byte at which both roofs meet (peak FLOP/s / peak bytes/s);
+    ``bound``: "memory" if the step's intensity is below the ridge (the bandwidth roof,
+    intensity x bandwidth, is the lower one), else "compute"; ``roof_flops_per_s``: the
+    lower roof, the highest FLOP/s the step could reach. Missing inputs give None.
+    """
+    intensity = None if not flops or not nbytes else flops / nbytes
+    ridge = None if not peak_flops or not peak_bytes else peak_flops / peak_bytes
+    if intensity is None or ridge is None:
+        return {
+            "arithmetic_intensity": intensity,
+            "ridge_intensity": ridge,
+            "bound": None,
+            "roof_flops_per_s": None,
+        }
+    memory_bound = intensity < ridge
+    return {
+        "arithmetic_intensity": intensity,
+        "ridge_intensity": ridge,
+        "bound": "memory" if memory_bound else "compute",
+        "roof_flops_per_s": intensity * peak_bytes if memory_bound else peak_flops,
+    }
+
+
 def _best_seconds(fn, arg, reps: int) -> tuple[float, object]:
     arg = fn(arg)
     jax.block_until_ready(arg)
@@ -237,10 +275,14 @@ def bench_one(
     steps_per_call: int = 1,
     peak_flops: float | None = None,
     peak_bytes: float | None = None,
+    count_only: bool = False,
+    pool_impl: str = "reduce_window",
 ) -> dict:
+    """One row (see the module docstring). ``count_only``: compile and count the step
+    (FLOPs, bytes, XLA memory) without running it; the timing fields are then None."""
     exp, source, default_batch = workload_experiment(
         workload,
-        {"conv_impl": conv_impl, "compute_dtype": compute_dtype},
+        {"conv_impl": conv_impl, "pool_impl": pool_impl, "compute_dtype": compute_dtype},
         {"name": algo, "inner_steps": inner_steps, "remat": remat},
         placement,
     )
@@ -265,43 +307,52 @@ def bench_one(
     start = time.perf_counter()
     compiled = step.lower(state, data).compile()
     xla_bytes = compiled_memory_bytes(compiled)
-    state, metrics = run(state, data)
-    jax.block_until_ready((state, metrics))
+    if not count_only:
+        state, metrics = run(state, data)
+        jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
     flops, nbytes, counted = step_cost(compiled, lambda: make_meta_step(exp, batch, mesh=mesh), state, data)
 
-    n, start = 0, time.perf_counter()
-    while n < min_steps or time.perf_counter() - start < min_seconds:
-        state, metrics = run(state, data if batches is None else next(batches))
-        n += steps_per_call
-        if n % (10 * steps_per_call) == 0:  # bound the dispatch queue without syncing every call
-            jax.block_until_ready(metrics)
-    jax.block_until_ready((state, metrics))
-    elapsed = time.perf_counter() - start
+    n, elapsed = 0, 0.0
+    if not count_only:
+        start = time.perf_counter()
+        while n < min_steps or time.perf_counter() - start < min_seconds:
+            state, metrics = run(state, data if batches is None else next(batches))
+            n += steps_per_call
+            if n % (10 * steps_per_call) == 0:  # bound the dispatch queue without syncing every call
+                jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - start
     if batches is not None:
         batches.close()
     kind, peak = peak_memory_bytes()
-    rate = n / elapsed
-    achieved = None if flops is None else flops * rate
-    traffic = None if nbytes is None else nbytes * rate
+    rate = n / elapsed if n else None
+    achieved = None if flops is None or rate is None else flops * rate
+    traffic = None if nbytes is None or rate is None else nbytes * rate
+    roof = roofline(flops, nbytes, peak_flops, peak_bytes)
     return {
         "workload": workload,
         "algo": algo,
         "inner_steps": inner_steps,
         "conv_impl": conv_impl,
+        "pool_impl": pool_impl,
         "meta_batch": batch,
         "remat": remat,
         "compute_dtype": compute_dtype,
         "placement": source.placement,
         "steps_per_call": steps_per_call,
         "steps_per_s": rate,
-        "tasks_per_s": n * batch / elapsed,
+        "tasks_per_s": None if rate is None else rate * batch,
         "flops_per_step": flops,
         "bytes_per_step": nbytes,
         "flops_counted": counted,
+        **roof,
         "achieved_flops_per_s": achieved,
         "peak_flops_per_s": peak_flops,
         "peak_fraction": None if achieved is None or not peak_flops else achieved / peak_flops,
+        "roof_fraction": None
+        if achieved is None or not roof["roof_flops_per_s"]
+        else achieved / roof["roof_flops_per_s"],
         "achieved_bytes_per_s": traffic,
         "peak_bytes_per_s": peak_bytes,
         "bandwidth_fraction": None if traffic is None or not peak_bytes else traffic / peak_bytes,
@@ -325,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algos", default="maml,fomaml")
     parser.add_argument("--inner-steps", default="1")
     parser.add_argument("--conv-impl", default="im2col")
+    parser.add_argument(
+        "--pool-impl", default="reduce_window", help="comma list of model.pool_impl values (max-pool models)"
+    )
     parser.add_argument("--meta-batch", default="", help="comma list; default: each workload's paper value")
     parser.add_argument("--remat", default="false", help="comma list of true/false")
     parser.add_argument("--dtype", default="float32", help="comma list of model.compute_dtype values")
@@ -342,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--no-isolate", action="store_true", help="run every row in this process (peak memory is then shared)"
+    )
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help="compile and count FLOPs and bytes per step (XLA cost analysis) without timing the step",
     )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row, print its JSON
     parser.add_argument("--min-steps", type=int, default=10)
@@ -370,9 +429,10 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     header = (
-        f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'batch':>5} {'remat':<5} "
+        f"{'workload':<18} {'algo':<7} {'k':>2} {'conv':<6} {'pool':<6} {'batch':>5} {'remat':<5} "
         f"{'dtype':<8} {'place':<6} {'spc':>4} {'steps/s':>9} {'tasks/s':>9} {'compile s':>9} "
-        f"{'peak MB':>9} {'XLA MB':>8} {'GF/step':>9} {'GF/s':>8} {'%peak':>6} {'%bw':>6}"
+        f"{'peak MB':>9} {'XLA MB':>8} {'GF/step':>9} {'GB/step':>8} {'F/B':>6} {'roof':<7} "
+        f"{'GF/s':>8} {'%peak':>6} {'%bw':>6} {'%roof':>6}"
     )
     print(f"backend {jax.default_backend()}, devices {jax.devices()}")
     peaks = {}
@@ -383,7 +443,10 @@ def main(argv: list[str] | None = None) -> None:
         peaks[dtype] = (flops, nbytes)
         how_f = "given" if args.peak_gflops else "matmul, measured"
         how_b = "given" if args.peak_gbps else "streaming, measured"
-        print(f"peak {dtype}: {flops / 1e9:.1f} GFLOP/s ({how_f}), {nbytes / 1e9:.1f} GB/s ({how_b})")
+        print(
+            f"peak {dtype}: {flops / 1e9:.1f} GFLOP/s ({how_f}), {nbytes / 1e9:.1f} GB/s ({how_b}); "
+            f"ridge {flops / nbytes:.1f} FLOP/B: a step of fewer FLOPs per byte is bound by memory"
+        )
     print(header)
     specs = [
         dict(
@@ -391,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             algo=algo,
             inner_steps=k,
             conv_impl=impl,
+            pool_impl=pool,
             meta_batch=mb,
             remat=remat,
             min_steps=args.min_steps,
@@ -400,12 +464,14 @@ def main(argv: list[str] | None = None) -> None:
             steps_per_call=spc,
             peak_flops=peaks[dtype][0],
             peak_bytes=peaks[dtype][1],
+            count_only=args.count_only,
         )
-        for workload, algo, k, impl, mb, remat, dtype, placement, spc in itertools.product(
+        for workload, algo, k, impl, pool, mb, remat, dtype, placement, spc in itertools.product(
             split(args.workloads),
             split(args.algos),
             map(int, split(args.inner_steps)),
             split(args.conv_impl),
+            split(args.pool_impl),
             [int(b) for b in split(args.meta_batch)] or [None],
             [r.lower() == "true" for r in split(args.remat)],
             split(args.dtype),
@@ -415,7 +481,11 @@ def main(argv: list[str] | None = None) -> None:
         # the sinusoid MLP has no convolutions: one conv_impl is enough
         if not (
             workload == "sinusoid"
-            and (impl != split(args.conv_impl)[0] or placement != split(args.placement)[0])
+            and (
+                impl != split(args.conv_impl)[0]
+                or placement != split(args.placement)[0]
+                or pool != split(args.pool_impl)[0]
+            )
         )
     ]
     for spec in specs:
@@ -434,11 +504,15 @@ def format_row(row: dict) -> str:
 
     return (
         f"{row['workload']:<18} {row['algo']:<7} {row['inner_steps']:>2} {row['conv_impl']:<6} "
+        f"{row.get('pool_impl', 'reduce_window')[:6]:<6} "
         f"{row['meta_batch']:>5} {str(row['remat']):<5} {row['compute_dtype']:<8} {row['placement']:<6} "
-        f"{row['steps_per_call']:>4} {row['steps_per_s']:>9.2f} {row['tasks_per_s']:>9.1f} "
+        f"{row['steps_per_call']:>4} {num(row['steps_per_s'], '>9.2f')} {num(row['tasks_per_s'], '>9.1f')} "
         f"{row['compile_s']:>9.1f} {row['peak_memory_mb']:>9.0f} {num(row['xla_memory_mb'], '>8.0f')} "
-        f"{num(row['flops_per_step'], '>9.4f', 1e-9)} {num(row['achieved_flops_per_s'], '>8.2f', 1e-9)} "
-        f"{num(row['peak_fraction'], '>6.1%')} {num(row['bandwidth_fraction'], '>6.1%')}"
+        f"{num(row['flops_per_step'], '>9.4f', 1e-9)} {num(row['bytes_per_step'], '>8.3f', 1e-9)} "
+        f"{num(row.get('arithmetic_intensity'), '>6.2f')} {row.get('bound') or '-':<7} "
+        f"{num(row['achieved_flops_per_s'], '>8.2f', 1e-9)} "
+        f"{num(row['peak_fraction'], '>6.1%')} {num(row['bandwidth_fraction'], '>6.1%')} "
+        f"{num(row.get('roof_fraction'), '>6.1%')}"
     )
 
 

@@ -69,3 +69,18 @@ def test_flop_count_covers_every_loop_iteration():
     flops, nbytes, how = bench.step_cost(make().lower(x, x).compile(), make, x, x)
     assert how == "xla, scans unrolled" and nbytes > 0
     assert 5 * 2 * n**3 <= flops < 5.5 * 2 * n**3  # five matmuls, not one
+
+
+def test_count_only_row_has_bytes_and_roof_without_timing(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "bench.jsonl"
+    bench.main(
+        ["--count-only", "--no-isolate", "--workloads", "sinusoid", "--algos", "maml", "--out", str(out)]
+    )
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["steps_per_s"] is None and row["timed_steps"] == 0 and row["achieved_flops_per_s"] is None
+    assert row["bytes_per_step"] > 0 and 3e6 < row["flops_per_step"] < 3e7
+    assert row["arithmetic_intensity"] == row["flops_per_step"] / row["bytes_per_step"]
+    assert row["bound"] in ("memory", "compute") and row["ridge_intensity"] > 0
+    table = capsys.readouterr().out
+    assert "GB/step" in table and "F/B" in table and "roof" in table and "ridge" in table

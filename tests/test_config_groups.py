@@ -143,6 +143,8 @@ def test_group_checks_run_from_validate():
         validate(make_cfg(algo={"name": "imaml", "lam": -1.0}))
     with pytest.raises(Exception, match=r"invalid model.conv_impl='x'"):
         validate(make_cfg(dataset={"name": "omniglot"}, model={"name": "conv4", "conv_impl": "x"}))
+    with pytest.raises(Exception, match=r"invalid model.pool_impl='x'"):
+        validate(make_cfg(dataset={"name": "omniglot"}, model={"name": "resnet12", "pool_impl": "x"}))
 
 
 @pytest.mark.parametrize(

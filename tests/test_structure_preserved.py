@@ -50,6 +50,8 @@ ADDED: dict[str, object] = {
     "logger.group": None,
     "logger.mlflow": None,
     "logger.wandb": None,
+    # How the conv models' max-pools are written (metalearn/models/layers.py): flax's, as before.
+    "model.pool_impl": "reduce_window",
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)

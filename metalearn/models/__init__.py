@@ -59,6 +59,8 @@ from metalearn.models.networks import HEAD_INITS, MLP, Conv4, ResNet12
 Params = Any
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 CONV_IMPLS = ("im2col", "xla")
+# How the 2x2 max-pools are written (model.pool_impl; same values and derivatives).
+POOL_IMPLS = ("reduce_window", "reshape")
 # BatchNorm statistics at evaluation (model.bn_stats; metalearn/batchnorm.py).
 BN_STATS = ("batch", "support", "running", "support_query")
 
@@ -97,9 +99,14 @@ class ConvNetworkConfig(NetworkConfig):
     evaluation, "batch" (transductive), "support", "running" or "support_query"
     (metalearn/batchnorm.py);
     bn_momentum: the weight of each new batch in the running averages (PyTorch's 0.1), used
-    only with bn_stats=running."""
+    only with bn_stats=running. pool_impl: how the 2x2 max-pools (Conv4 with
+    downsample=maxpool, ResNet-12) are written, with the same values and derivatives:
+    "reduce_window" (flax's max_pool) or "reshape" (a reduction over a reshape, whose
+    derivatives XLA fuses into the neighbouring passes: fewer bytes per meta-step with
+    conv_impl=xla, more with im2col on XLA:CPU, docs/performance.md)."""
 
     conv_impl: str = "im2col"
+    pool_impl: str = "reduce_window"
     bn_scale: bool = True
     bn_epsilon: float = 1e-5
     bn_stats: str = "batch"
@@ -109,6 +116,7 @@ class ConvNetworkConfig(NetworkConfig):
     def check(cls, m: Any, cfg: Any) -> None:
         super().check(m, cfg)
         one_of(m.conv_impl, "model.conv_impl", CONV_IMPLS)
+        one_of(m.pool_impl, "model.pool_impl", POOL_IMPLS)
         need(finite(m.bn_epsilon) and m.bn_epsilon > 0, "model.bn_epsilon", m.bn_epsilon, "> 0")
         one_of(m.bn_stats, "model.bn_stats", BN_STATS)
         need(
@@ -189,8 +197,8 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
     """Build the model named by ``cfg.name`` (its schema above): mlp, conv4 or resnet12.
 
     mlp uses ``hidden``; conv4 ``filters``, ``blocks``, ``downsample``, ``conv_impl``, ``head``,
-    ``head_init``, ``film_position``; resnet12 ``channels`` and ``conv_impl``; both ``bn_scale``
-    and ``bn_epsilon``. ``compute_dtype`` ("float32" or "bfloat16")
+    ``head_init``, ``film_position``; resnet12 ``channels`` and ``conv_impl``; both
+    ``pool_impl``, ``bn_scale`` and ``bn_epsilon``. ``compute_dtype`` ("float32" or "bfloat16")
     applies to all (see the module docstring).
 
     context_size > 0 builds the context-conditioned variant (CAVIA): the MLP concatenates
@@ -215,6 +223,7 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
             blocks=cfg.blocks,
             downsample=cfg.downsample,
             conv_impl=cfg.conv_impl,
+            pool_impl=cfg.pool_impl,
             context_size=context_size,
             film_block=min(2, cfg.blocks - 1),
             film_position=cfg.film_position,
@@ -232,6 +241,7 @@ def make_model(cfg: Any, input_shape: tuple[int, ...], output_dim: int, context_
             out=output_dim,
             channels=channels,
             conv_impl=cfg.conv_impl,
+            pool_impl=cfg.pool_impl,
             context_size=context_size,
             film_stage=min(2, len(channels) - 1),
             dtype=dtype,

@@ -65,6 +65,62 @@ def conv3x3_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return y.reshape(lead + y.shape[1:])
 
 
+def _windows(x: jax.Array) -> jax.Array:
+    """x: (..., H, W, C) as its 2x2 windows (stride 2, VALID: an odd last row or column is
+    dropped): (..., H // 2, 2, W // 2, 2, C)."""
+    h, w = x.shape[-3] // 2, x.shape[-2] // 2
+    if x.shape[-3] != 2 * h or x.shape[-2] != 2 * w:
+        x = x[..., : 2 * h, : 2 * w, :]
+    return x.reshape(x.shape[:-3] + (h, 2, w, 2, x.shape[-1]))
+
+
+_WINDOW_AXES = (-4, -2)
+
+
+@jax.custom_jvp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pool, stride 2, VALID: x (..., H, W, C) -> (..., H // 2, W // 2, C).
+
+    The same values and derivatives as ``flax.linen.max_pool(x, (2, 2), (2, 2), "VALID")``
+    (each window's derivative goes to its first maximum in row-major order, as XLA's
+    select-and-scatter with ``>=``), written as a reduction over the window axes of a
+    reshape, with the derivative a masked sum over the same axes and its transpose a
+    masked broadcast: XLA fuses those into the neighbouring passes, whereas the
+    reduce-window's derivatives (select-and-scatter, and an index-carrying reduce-window for
+    their own derivative under second-order MAML) each make passes of their own over the
+    full-resolution activations (about a quarter of the bytes of a mini-ImageNet Conv4
+    meta-step, docs/performance.md).
+    """
+    return jnp.max(_windows(x), axis=_WINDOW_AXES)
+
+
+def _first_maximum(windows: jax.Array, pooled: jax.Array) -> jax.Array:
+    """Boolean mask like ``windows`` (..., h, 2, w, 2, C), true at the first maximum of each
+    window in row-major order (ties go to the earliest, as select-and-scatter's >=)."""
+    position = (2 * jnp.arange(2)[:, None, None] + jnp.arange(2)[None, None, :])[..., None]  # (2, 1, 2, 1)
+    is_max = windows == jnp.expand_dims(pooled, _WINDOW_AXES)
+    first = jnp.min(jnp.where(is_max, position, 4), axis=_WINDOW_AXES, keepdims=True)
+    return position == first
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    windows = _windows(x)
+    pooled = max_pool_2x2(x)  # not jnp.max: its derivative, under second order, splits ties
+    mask = _first_maximum(windows, pooled)
+    return pooled, jnp.sum(jnp.where(mask, _windows(t), 0), axis=_WINDOW_AXES)
+
+
+def max_pool(x: jax.Array, impl: str = "reduce_window") -> jax.Array:
+    """2x2 max-pool, stride 2, VALID, of x: (..., H, W, C): flax's reduce-window
+    (``impl="reduce_window"``) or :func:`max_pool_2x2` (``"reshape"``), equal in values
+    and derivatives of every order."""
+    if impl == "reshape":
+        return max_pool_2x2(x)
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
 def cast_to(x: jax.Array, dtype: Any) -> jax.Array:
     """x in the compute dtype; dtype None (float32 mode) leaves x untouched."""
     return x if dtype is None or x.dtype == dtype else x.astype(dtype)

@@ -17,6 +17,7 @@ from metalearn.models.layers import (
     cast_to,
     context_or_zeros,
     head_float_dtype,
+    max_pool,
 )
 
 Params = Any
@@ -67,6 +68,7 @@ class Conv4(nn.Module):
     classification/models.py: conv, BN, max-pool, FiLM, ReLU). Max-pool and ReLU commute,
     so post_pool moves only FiLM relative to the pooling.
 
+    ``pool_impl``: see :func:`~metalearn.models.layers.max_pool`;
     ``bn_scale``/``bn_epsilon``: see :class:`BatchStatNorm`; ``head_init``: the head kernel's
     initialiser ("lecun_normal", Flax's default; "glorot_uniform"; "normal", N(0, 1) as
     cbfinn/maml's Omniglot ``w5``).
@@ -77,6 +79,7 @@ class Conv4(nn.Module):
     blocks: int = 4
     downsample: str = "stride"
     conv_impl: str = "im2col"
+    pool_impl: str = "reduce_window"
     # CAVIA: a context vector (context_size,) modulates block ``film_block`` through FiLM.
     context_size: int = 0
     film_block: int = 2
@@ -101,7 +104,7 @@ class Conv4(nn.Module):
             if film and self.film_position == "pre_pool":
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
             if self.downsample == "maxpool":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool(x, self.pool_impl)
             if film and self.film_position == "post_pool":
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
             x = nn.relu(x)
@@ -149,7 +152,8 @@ class ResNet12(nn.Module):
     max-pool (VALID, so 84 -> 42 -> 21 -> 10 -> 5 and 32 -> 16 -> 8 -> 4 -> 2; inputs
     need H, W >= 2 ** len(channels)). Then a global average pool and a linear ``head``
     (channels[-1] -> out). BatchNorm uses batch statistics (transductive, as Conv4); convs
-    are bias-free; ``conv_impl`` selects im2col or lax.conv as in Conv4. No DropBlock and
+    are bias-free; ``conv_impl`` selects im2col or lax.conv and ``pool_impl`` the max-pool's
+    form, as in Conv4. No DropBlock and
     no dropout (the papers' regularisers are left out: adaptation stays deterministic).
 
     With ``context_size`` > 0, :class:`FiLM` (param subtree ``film``) modulates the output
@@ -160,6 +164,7 @@ class ResNet12(nn.Module):
     out: int
     channels: Sequence[int] = (64, 160, 320, 640)
     conv_impl: str = "im2col"
+    pool_impl: str = "reduce_window"
     negative_slope: float = 0.1
     context_size: int = 0
     film_stage: int = 2
@@ -187,7 +192,7 @@ class ResNet12(nn.Module):
             if self.context_size and i == self.film_stage:
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
             x = nn.leaky_relu(x, self.negative_slope)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            x = max_pool(x, self.pool_impl)
         head_dtype = head_float_dtype(self.dtype)
         if head_dtype is not None:
             x = x.astype(head_dtype)  # average pool and head in float32
