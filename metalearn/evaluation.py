@@ -265,6 +265,8 @@ def final_results(
         "seed": cfg.seed,
         "steps": steps,
         "protocol": protocol_of(cfg),
+        # model.init_from: the run whose backbone this one started from (metalearn/backbone.py).
+        **({"init_from": str(cfg.model.init_from)} if cfg.model.get("init_from") else {}),
         **chosen,
         **entries,
         # The preset's published number, if any (conf/experiment/), for reports.

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metalearn.algos import MetaLearner, Problem
+from metalearn.backbone import check_head_rule, init_head_of, with_head_rule
 from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
 from metalearn.models import Model, make_model
@@ -68,6 +69,11 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     trained = mode if trained_bn_stats is None else trained_bn_stats
     momentum = float(getattr(cfg.model, "bn_momentum", 0.1))
     algo = with_bn_stats(cfg.algo, Problem(model, source), mode, trained == "running", momentum)
+    # model.init_head (metalearn/backbone.py): how the head starts (and, shared, stays tied).
+    head_rule = init_head_of(cfg.model)
+    if head_rule != "random":
+        check_head_rule(cfg, jax.eval_shape(algo.init, jax.random.PRNGKey(0)))
+        algo = with_head_rule(algo, head_rule)
     return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
 
 

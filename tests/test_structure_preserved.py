@@ -46,6 +46,9 @@ ADDED: dict[str, object] = {
     # the running averages' momentum is read only with bn_stats=running.
     "model.bn_stats": "batch",
     "model.bn_momentum": 0.1,
+    # Start from another run's backbone (metalearn/backbone.py): off; the algorithm's own head.
+    "model.init_from": None,
+    "model.init_head": "random",
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)

@@ -69,10 +69,16 @@ class NetworkConfig(ChoiceConfig):
     while the parameters, their gradients and the optimizer state stay float32."""
 
     compute_dtype: str = "float32"
+    # Start from another run's backbone, bit for bit (a run dir; null: random), and how the
+    # head starts: random (the algorithm's own), zeros or shared (UNICORN-MAML). See
+    # metalearn/backbone.py.
+    init_from: str | None = None
+    init_head: str = "random"
 
     @classmethod
     def check(cls, m: Any, cfg: Any) -> None:
         one_of(m.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
+        one_of(m.init_head, "model.init_head", ("random", "zeros", "shared"))
 
 
 @schema("model", "mlp")
