@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalearn.adaptation import ADAPTATION_PHRASES, adaptation_of
 from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.data.image_folder import IMAGE_EXTENSIONS
 from metalearn.errors import DataError
@@ -247,14 +248,19 @@ def _write_summary(
         "seed": int(cfg.seed),
         # The BatchNorm statistics the queries were normalised with (None: no BatchNorm).
         "bn_stats": getattr(cfg.model, "bn_stats", None),
+        # The test-time adaptation (eval.adaptation, metalearn/adaptation.py).
+        "adaptation": adaptation_of(cfg.eval),
         **fields,
         "predictions": str(csv_path),
     }
     write_json(csv_path.parent / "summary.json", summary)
     query, support, score = said
     bn = summary["bn_stats"]
+    how = adaptation_phrase(cfg.algo.name, steps)
+    if summary["adaptation"] != "algorithm":
+        how = f" adapted by {ADAPTATION_PHRASES[summary['adaptation']]}"
     say(
-        f"predicted {query} with {cfg.algo.name}{adaptation_phrase(cfg.algo.name, steps)} on "
+        f"predicted {query} with {cfg.algo.name}{how} on "
         f"{support}{'' if bn is None else ', ' + BN_PHRASES[bn]}: {score}; predictions in {csv_path}",
         flush=True,
     )

@@ -14,6 +14,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from metalearn.adaptation import with_adaptation
 from metalearn.algos import MetaLearner, Problem
 from metalearn.backbone import check_head_rule, init_head_of, with_head_rule
 from metalearn.batchnorm import bn_stats_of, with_bn_stats
@@ -74,6 +75,8 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     if head_rule != "random":
         check_head_rule(cfg, jax.eval_shape(algo.init, jax.random.PRNGKey(0)))
         algo = with_head_rule(algo, head_rule)
+    # eval.adaptation (metalearn/adaptation.py): how validation and test tasks are adapted.
+    algo = with_adaptation(algo, model, cfg.eval, cfg.model)
     return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
 
 

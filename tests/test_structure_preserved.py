@@ -49,6 +49,12 @@ ADDED: dict[str, object] = {
     # Start from another run's backbone (metalearn/backbone.py): off; the algorithm's own head.
     "model.init_from": None,
     "model.init_head": "random",
+    # Test-time adaptation (metalearn/adaptation.py): the algorithm's own, as before; the other
+    # keys are read only by the backbone rules.
+    "eval.adaptation": "algorithm",
+    "eval.adaptation_steps": 100,
+    "eval.adaptation_lr": 0.01,
+    "eval.probe_l2": 1.0,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)
