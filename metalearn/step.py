@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from metalearn.adaptation import with_adaptation
 from metalearn.algos import MetaLearner, Problem
+from metalearn.algos.pretrain import classification_batches
 from metalearn.backbone import check_head_rule, init_head_of, with_head_rule
 from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
@@ -65,6 +66,8 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     (``trained_bn_stats``: the run's own mode where eval or predict overrides it; default
     ``model.bn_stats``)."""
     source = source if source is not None else build_task_source(cfg.dataset)
+    if cfg.algo.name == "pretrain":  # mini-batches of (image, global class), not episodes
+        source = classification_batches(source)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
     mode = bn_stats_of(cfg.model)
     trained = mode if trained_bn_stats is None else trained_bn_stats

@@ -188,7 +188,7 @@ def test_eval_names_the_adaptation(maml_run, adaptation):
         adaptation
     ]
     assert f"adapted by {phrase}" in line and "inner step" not in line
-    assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    assert 0.0 <= results["test"]["mean"] <= 1.0
 
 
 def test_predict_names_the_adaptation(maml_run, tmp_path):

@@ -264,6 +264,14 @@ def with_context(model: Model, input_shape: tuple[int, ...], context_size: int) 
     return _wrap(twin, input_shape, context_size, model.moments, model.sink)
 
 
+def with_outputs(model: Model, out: int) -> Model:
+    """``model``'s architecture with ``out`` outputs (its ``head`` layer resized; the
+    supervised pre-training's C training classes, metalearn/algos/pretrain.py)."""
+    return _wrap(
+        model.module.clone(out=out), model.input_shape, model.context_size, model.moments, model.sink
+    )
+
+
 def normalising_with(model: Model, moments: Any) -> Model:
     """``model`` whose BatchNorm layers normalise with ``moments`` (per layer ``{"mean",
     "var"}``, each (F,), shaped like a :func:`recording`'s record) instead of the batch's."""
@@ -323,4 +331,5 @@ __all__ = [
     "normalising_with",
     "recording",
     "with_context",
+    "with_outputs",
 ]
