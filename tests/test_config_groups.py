@@ -42,7 +42,7 @@ def _precheck(*overrides: str) -> tuple[int, str]:
 
 
 def _dataset_for(algo: str) -> list[str]:
-    return ["dataset=omniglot"] if algo in ("protonet", "protomaml") else []
+    return ["dataset=omniglot"] if algo in ("protonet", "protomaml", "pretrain") else []
 
 
 def _foreign(algo: str) -> list[str]:

@@ -194,19 +194,20 @@ def test_eval_names_the_adaptation(maml_run, adaptation):
 def test_predict_names_the_adaptation(maml_run, tmp_path):
     from test_predict import write_class
 
-    root, run = maml_run
+    from metalearn.predict import run_predict
+    from metalearn.run_config import resolve
+
+    _, run = maml_run
     for name, seed in (("a", 70), ("b", 71)):
         write_class(tmp_path / "support" / name, seed, 1)
         write_class(tmp_path / "query" / name, seed, 2, first=1)
-    code, out, err = run_cli_in_process(
-        "predict",
-        f"run_dir={run}",
-        f"support={tmp_path / 'support'}",
-        f"query={tmp_path / 'query'}",
-        "eval.adaptation=ncm_cosine",
-        f"hydra.run.dir={tmp_path / 'out'}",
+    support, query = tmp_path / "support", tmp_path / "query"
+    overrides = [f"run_dir={run}", f"support={support}", f"query={query}", "eval.adaptation=ncm_cosine"]
+    composed = make_cfg(support=str(support), query=str(query))
+    said = []
+    summary = run_predict(
+        resolve(run, overrides, composed, "predict"), tmp_path / "out", say=lambda *a, **k: said.append(a[0])
     )
-    assert code == 0, err
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["adaptation"] == "ncm_cosine"
-    assert "adapted by nearest class mean (cosine)" in out
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["adaptation"] == "ncm_cosine"
+    assert "adapted by nearest class mean (cosine)" in said[-1]
