@@ -64,6 +64,26 @@ def adaptation_of(eval_cfg: Any) -> str:
     return str(getattr(eval_cfg, "adaptation", "algorithm"))
 
 
+def check_adaptation(e: Any, cfg: Any) -> None:
+    """Range checks of eval.adaptation and its keys (EvalConfig.check calls it)."""
+    from metalearn.config import finite, need, one_of
+
+    adaptation = getattr(e, "adaptation", "algorithm")
+    one_of(adaptation, "eval.adaptation", ADAPTATIONS)
+    need(
+        adaptation == "algorithm" or cfg.dataset.name != "sinusoid",
+        "eval.adaptation",
+        adaptation,
+        "algorithm for regression (the backbone rules classify)",
+    )
+    steps = getattr(e, "adaptation_steps", 1)
+    need(steps >= 1, "eval.adaptation_steps", steps, ">= 1")
+    lr = getattr(e, "adaptation_lr", 0.01)
+    need(finite(lr) and lr > 0, "eval.adaptation_lr", lr, "> 0")
+    l2 = getattr(e, "probe_l2", 1.0)
+    need(finite(l2) and l2 >= 0, "eval.probe_l2", l2, ">= 0")
+
+
 def backbone_params(model: Model, meta: PyTree) -> dict:
     """The model's parameters without head and film, from an algorithm's meta-parameters;
     a leaf with one more leading axis than the model's (MAML++'s per-step BatchNorm) gives

@@ -249,12 +249,9 @@ class EvalConfig:
     # (the validation query loss, as ProtoNet's best_model.pt; needs validation records with
     # a loss: trained with this setting or with trainer.early_stop_patience).
     rank_by: str = "metric"
-    # How each test task is adapted (metalearn/adaptation.py): "algorithm" (its own rule) or a
-    # rule on the trained backbone's features: "ncm_euclidean", "ncm_cosine" (nearest class
-    # mean), "linear_probe" (logistic regression, RFS), "finetune_head" or "finetune_all"
-    # (Chen et al.'s Baseline). adaptation_steps: L-BFGS iterations of the probe, gradient
-    # steps of fine-tuning (rate adaptation_lr); probe_l2: the probe's penalty (1 / C of
-    # scikit-learn's LogisticRegression).
+    # How each test task is adapted (metalearn/adaptation.py): "algorithm" (its own rule),
+    # "ncm_euclidean", "ncm_cosine", "linear_probe" (RFS), "finetune_head" or "finetune_all"
+    # (Baseline); their steps, fine-tuning rate and the probe's penalty (1 / C of sklearn).
     adaptation: str = "algorithm"
     adaptation_steps: int = 100
     adaptation_lr: float = 0.01
@@ -275,26 +272,9 @@ class EvalConfig:
         one_of(getattr(e, "checkpoint", "last"), "eval.checkpoint", ("last", "best", "top_k"))
         need(getattr(e, "top_k", 5) >= 1, "eval.top_k", getattr(e, "top_k", 5), ">= 1")
         one_of(getattr(e, "rank_by", "metric"), "eval.rank_by", ("metric", "loss"))
-        from metalearn.adaptation import ADAPTATIONS
+        from metalearn.adaptation import check_adaptation
 
-        adaptation = getattr(e, "adaptation", "algorithm")
-        one_of(adaptation, "eval.adaptation", ADAPTATIONS)
-        need(
-            adaptation == "algorithm" or cfg.dataset.name != "sinusoid",
-            "eval.adaptation",
-            adaptation,
-            "algorithm for regression (the backbone rules classify)",
-        )
-        need(
-            getattr(e, "adaptation_steps", 1) >= 1,
-            "eval.adaptation_steps",
-            getattr(e, "adaptation_steps", 1),
-            ">= 1",
-        )
-        lr = getattr(e, "adaptation_lr", 0.01)
-        need(finite(lr) and lr > 0, "eval.adaptation_lr", lr, "> 0")
-        l2 = getattr(e, "probe_l2", 1.0)
-        need(finite(l2) and l2 >= 0, "eval.probe_l2", l2, ">= 0")
+        check_adaptation(e, cfg)
         attack = getattr(cfg, "attack", None)
         if getattr(e, "checkpoint", "last") == "top_k" and attack is not None and attack.name != "none":
             raise ConfigError(
