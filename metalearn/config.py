@@ -254,6 +254,13 @@ class EvalConfig:
     # (the validation query loss, as ProtoNet's best_model.pt; needs validation records with
     # a loss: trained with this setting or with trainer.early_stop_patience).
     rank_by: str = "metric"
+    # How each test task is adapted (metalearn/adaptation.py): "algorithm" (its own rule),
+    # "ncm_euclidean", "ncm_cosine", "linear_probe" (RFS), "finetune_head" or "finetune_all"
+    # (Baseline); their steps, fine-tuning rate and the probe's penalty (1 / C of sklearn).
+    adaptation: str = "algorithm"
+    adaptation_steps: int = 100
+    adaptation_lr: float = 0.01
+    probe_l2: float = 1.0
 
     @classmethod
     def check(cls, e: Any, cfg: Any) -> None:
@@ -270,6 +277,9 @@ class EvalConfig:
         one_of(getattr(e, "checkpoint", "last"), "eval.checkpoint", ("last", "best", "top_k"))
         need(getattr(e, "top_k", 5) >= 1, "eval.top_k", getattr(e, "top_k", 5), ">= 1")
         one_of(getattr(e, "rank_by", "metric"), "eval.rank_by", ("metric", "loss"))
+        from metalearn.adaptation import check_adaptation
+
+        check_adaptation(e, cfg)
         attack = getattr(cfg, "attack", None)
         if getattr(e, "checkpoint", "last") == "top_k" and attack is not None and attack.name != "none":
             raise ConfigError(

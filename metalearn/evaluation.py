@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from metalearn.adaptation import adaptation_of
 from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.attacks import Attack, attack_from_config, default_step_size
 from metalearn.metrics import format_summary, summarize
@@ -265,6 +266,8 @@ def final_results(
         "seed": cfg.seed,
         "steps": steps,
         "protocol": protocol_of(cfg),
+        # model.init_from: the run whose backbone this one started from (metalearn/backbone.py).
+        **({"init_from": str(cfg.model.init_from)} if cfg.model.get("init_from") else {}),
         **chosen,
         **entries,
         # The preset's published number, if any (conf/experiment/), for reports.
@@ -275,5 +278,7 @@ def final_results(
 def final_line(results: dict[str, Any], cfg: Any, path: Path) -> str:
     """One line: the final evaluation in ``results`` and where it was written."""
     steps = adaptation_phrase(cfg.algo.name, test_steps(cfg.algo))
+    if adaptation_of(cfg.eval) != "algorithm":  # the protocol phrase names the rule used instead
+        steps = ""
     protocol = f"; protocol: {describe_protocol(results['protocol'])}" if "protocol" in results else ""
     return f"{format_final(results, cfg.eval.split)}{steps}{protocol}; results in {path}"

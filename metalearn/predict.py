@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metalearn.adaptation import ADAPTATION_PHRASES, adaptation_of
 from metalearn.algos import adaptation_phrase, test_steps
 from metalearn.data.image_folder import IMAGE_EXTENSIONS
 from metalearn.errors import DataError
@@ -165,6 +166,17 @@ def _read_csv(path: Path, columns: tuple[int, ...], what: str) -> np.ndarray:
     return arr
 
 
+def _stored_head_outputs(run_dir: Any) -> int:
+    """The head's outputs (the training classes) of algo=pretrain's newest checkpoint."""
+    from metalearn.checkpoint import CHECKPOINT_DIR, _stored_param_shapes, checkpoint_steps
+
+    steps = checkpoint_steps(run_dir)
+    shapes = _stored_param_shapes(Path(run_dir) / CHECKPOINT_DIR / str(steps[0])) if steps else None
+    if not shapes or "head/kernel" not in shapes:
+        raise DataError(f"no readable checkpoint in {Path(run_dir) / CHECKPOINT_DIR}")
+    return shapes["head/kernel"][1]
+
+
 def _problem(cfg: Any, record: dict, trained_bn_stats: str | None = None):
     """Model and algorithm for the run's recorded input and head, without its dataset."""
     from metalearn.step import setup
@@ -176,7 +188,10 @@ def _problem(cfg: Any, record: dict, trained_bn_stats: str | None = None):
     kind = "regression" if record["kind"] == "regression" else "classification"
     input_range = None if kind == "regression" else (0.0, 1.0)
     shape = tuple(int(d) for d in record["input_shape"])
-    source = TaskSource(kind, shape, int(record["outputs"]), {}, no_sampler, input_range)
+    splits = {}
+    if cfg.algo.name == "pretrain":  # its head has one output per training class: as stored
+        splits = {"train": {"images": np.zeros((_stored_head_outputs(cfg.run_dir), 1, *shape), np.uint8)}}
+    source = TaskSource(kind, shape, int(record["outputs"]), splits, no_sampler, input_range)
     return setup(cfg, source, trained_bn_stats)
 
 
@@ -247,14 +262,19 @@ def _write_summary(
         "seed": int(cfg.seed),
         # The BatchNorm statistics the queries were normalised with (None: no BatchNorm).
         "bn_stats": getattr(cfg.model, "bn_stats", None),
+        # The test-time adaptation (eval.adaptation, metalearn/adaptation.py).
+        "adaptation": adaptation_of(cfg.eval),
         **fields,
         "predictions": str(csv_path),
     }
     write_json(csv_path.parent / "summary.json", summary)
     query, support, score = said
     bn = summary["bn_stats"]
+    how = adaptation_phrase(cfg.algo.name, steps)
+    if summary["adaptation"] != "algorithm":
+        how = f" adapted by {ADAPTATION_PHRASES[summary['adaptation']]}"
     say(
-        f"predicted {query} with {cfg.algo.name}{adaptation_phrase(cfg.algo.name, steps)} on "
+        f"predicted {query} with {cfg.algo.name}{how} on "
         f"{support}{'' if bn is None else ', ' + BN_PHRASES[bn]}: {score}; predictions in {csv_path}",
         flush=True,
     )

@@ -9,13 +9,16 @@ final evaluation), ``queries_per_class`` (query examples per class scored in the
 ``bn_stats`` (the BatchNorm statistics at evaluation, :mod:`metalearn.batchnorm`; None for a
 model without BatchNorm), ``checkpoint`` (which parameters are tested, eval.checkpoint: last,
 best or top_k; :mod:`metalearn.selection`), ``top_k`` (the ensemble's size; None unless
-top_k) and ``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last).
+top_k), ``ranked_by`` (eval.rank_by, "metric" or "loss"; None for last) and ``adaptation``
+(eval.adaptation: "algorithm", the algorithm's own, or a rule on the trained backbone,
+:mod:`metalearn.adaptation`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from metalearn.adaptation import ADAPTATION_PHRASES, adaptation_of
 from metalearn.data.class_splits import split_name, split_seed_used
 from metalearn.data.rotation import rotation_rule
 from metalearn.selection import describe_rule, rank_by, rule_of
@@ -53,6 +56,8 @@ def protocol_of(cfg: Any) -> dict[str, Any]:
         "checkpoint": rule_of(cfg),
         "top_k": int(cfg.eval.top_k) if rule_of(cfg) == "top_k" else None,
         "ranked_by": None if rule_of(cfg) == "last" else rank_by(cfg),
+        # eval.adaptation (metalearn/adaptation.py): the test-time adaptation.
+        "adaptation": adaptation_of(cfg.eval),
     }
 
 
@@ -70,4 +75,6 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
         parts.append(BN_PHRASES.get(protocol["bn_stats"], f"BatchNorm {protocol['bn_stats']}"))
     if "checkpoint" in protocol:  # results.json of older versions lack it
         parts.append(describe_rule(protocol["checkpoint"], protocol.get("top_k"), protocol.get("ranked_by")))
+    if protocol.get("adaptation", "algorithm") != "algorithm":  # the default is named by the steps
+        parts.append(f"adapted by {ADAPTATION_PHRASES[protocol['adaptation']]}")
     return ", ".join(parts)

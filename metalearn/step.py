@@ -14,7 +14,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from metalearn.adaptation import with_adaptation
 from metalearn.algos import MetaLearner, Problem
+from metalearn.algos.pretrain import classification_batches
+from metalearn.backbone import check_head_rule, init_head_of, with_head_rule
 from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
 from metalearn.models import Model, make_model
@@ -63,11 +66,20 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     (``trained_bn_stats``: the run's own mode where eval or predict overrides it; default
     ``model.bn_stats``)."""
     source = source if source is not None else build_task_source(cfg.dataset)
+    if cfg.algo.name == "pretrain":  # mini-batches of (image, global class), not episodes
+        source = classification_batches(source)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
     mode = bn_stats_of(cfg.model)
     trained = mode if trained_bn_stats is None else trained_bn_stats
     momentum = float(getattr(cfg.model, "bn_momentum", 0.1))
     algo = with_bn_stats(cfg.algo, Problem(model, source), mode, trained == "running", momentum)
+    # model.init_head (metalearn/backbone.py): how the head starts (and, shared, stays tied).
+    head_rule = init_head_of(cfg.model)
+    if head_rule != "random":
+        check_head_rule(cfg, jax.eval_shape(algo.init, jax.random.PRNGKey(0)))
+        algo = with_head_rule(algo, head_rule)
+    # eval.adaptation (metalearn/adaptation.py): how validation and test tasks are adapted.
+    algo = with_adaptation(algo, model, cfg.eval, cfg.model)
     return Experiment(source, model, algo, make_optimizer(cfg.optim, cfg.trainer.steps))
 
 

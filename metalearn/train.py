@@ -21,6 +21,7 @@ import jax
 from jax.sharding import Mesh
 
 from metalearn.algos import test_steps
+from metalearn.backbone import init_from_of, initial_params
 from metalearn.checkpoint import CheckpointWriter, has_checkpoint, restore_latest
 from metalearn.config import validate
 from metalearn.distributed import is_main_process, maybe_initialize, shared_run_dir
@@ -112,6 +113,15 @@ def open_run(cfg: Any, run_dir: str | Path) -> OpenRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     exp = setup(cfg)
     state = init_state(exp, cfg.seed, mesh)
+    if init_from_of(cfg.model) is not None and not has_checkpoint(run_dir):
+        # model.init_from: another run's backbone, bit for bit (metalearn/backbone.py);
+        # the optimizer and algorithm state start afresh from those parameters.
+        params, source = initial_params(state.params, cfg)
+        state = state._replace(
+            params=params, opt_state=exp.optimizer.init(params), algo_state=exp.algo.init_state(params)
+        )
+        if main:  # the source run, recorded in the new run
+            write_json(run_dir / "init_from.json", source)
     run = OpenRun(cfg, run_dir, exp, mesh, state, main, process_note)
     if t.resume:
         restored = restore_latest(run_dir, state, quarantine=True)

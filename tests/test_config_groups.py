@@ -42,7 +42,7 @@ def _precheck(*overrides: str) -> tuple[int, str]:
 
 
 def _dataset_for(algo: str) -> list[str]:
-    return ["dataset=omniglot"] if algo in ("protonet", "protomaml") else []
+    return ["dataset=omniglot"] if algo in ("protonet", "protomaml", "pretrain") else []
 
 
 def _foreign(algo: str) -> list[str]:
@@ -134,7 +134,13 @@ def test_a_flat_config_of_an_earlier_release_loads_without_foreign_keys():
     cfg = from_stored(flat)
     assert OmegaConf.to_container(cfg.algo) == {"name": "protonet", "joint_bn": False}
     assert "rotations" not in cfg.dataset and cfg.dataset.k_shot == 5
-    assert OmegaConf.to_container(cfg.model) == {"name": "mlp", "compute_dtype": "float32", "hidden": [8]}
+    assert OmegaConf.to_container(cfg.model) == {
+        "name": "mlp",
+        "compute_dtype": "float32",
+        "init_from": None,
+        "init_head": "random",
+        "hidden": [8],
+    }
     assert cfg.seed == 4
 
 

@@ -52,6 +52,15 @@ ADDED: dict[str, object] = {
     "logger.wandb": None,
     # How the conv models' max-pools are written (metalearn/models/layers.py): flax's, as before.
     "model.pool_impl": "reduce_window",
+    # Start from another run's backbone (metalearn/backbone.py): off; the algorithm's own head.
+    "model.init_from": None,
+    "model.init_head": "random",
+    # Test-time adaptation (metalearn/adaptation.py): the algorithm's own, as before; the other
+    # keys are read only by the backbone rules.
+    "eval.adaptation": "algorithm",
+    "eval.adaptation_steps": 100,
+    "eval.adaptation_lr": 0.01,
+    "eval.probe_l2": 1.0,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)

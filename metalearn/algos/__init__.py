@@ -8,6 +8,7 @@ from metalearn.algos.imaml import make_imaml
 from metalearn.algos.maml import make_maml
 from metalearn.algos.mamlpp import make_mamlpp
 from metalearn.algos.metasgd import make_metasgd
+from metalearn.algos.pretrain import make_pretrain
 from metalearn.algos.protomaml import make_protomaml
 from metalearn.algos.protonet import make_protonet
 from metalearn.algos.reptile import make_reptile
@@ -24,6 +25,7 @@ ALGORITHMS = {
     "imaml": make_imaml,
     "protonet": make_protonet,
     "protomaml": make_protomaml,
+    "pretrain": make_pretrain,
 }
 
 # Algorithms that classify by distances to class prototypes: no regression, any number of
@@ -32,7 +34,8 @@ METRIC_ALGOS = ("protonet", "protomaml")
 
 # Algorithms whose adaptation is not a loop of steps (Prototypical Networks classify by
 # distances to the support prototypes); algo.inner_steps* do not apply to them.
-WITHOUT_INNER_LOOP = frozenset({"protonet"})
+# Supervised pre-training adapts by nearest class mean too (metalearn/algos/pretrain.py).
+WITHOUT_INNER_LOOP = frozenset({"protonet", "pretrain"})
 
 
 def test_steps(algo_cfg) -> int:

@@ -71,10 +71,16 @@ class NetworkConfig(ChoiceConfig):
     while the parameters, their gradients and the optimizer state stay float32."""
 
     compute_dtype: str = "float32"
+    # Start from another run's backbone, bit for bit (a run dir; null: random), and how the
+    # head starts: random (the algorithm's own), zeros or shared (UNICORN-MAML). See
+    # metalearn/backbone.py.
+    init_from: str | None = None
+    init_head: str = "random"
 
     @classmethod
     def check(cls, m: Any, cfg: Any) -> None:
         one_of(m.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
+        one_of(m.init_head, "model.init_head", ("random", "zeros", "shared"))
 
 
 @schema("model", "mlp")
@@ -268,6 +274,14 @@ def with_context(model: Model, input_shape: tuple[int, ...], context_size: int) 
     return _wrap(twin, input_shape, context_size, model.moments, model.sink)
 
 
+def with_outputs(model: Model, out: int) -> Model:
+    """``model``'s architecture with ``out`` outputs (its ``head`` layer resized; the
+    supervised pre-training's C training classes, metalearn/algos/pretrain.py)."""
+    return _wrap(
+        model.module.clone(out=out), model.input_shape, model.context_size, model.moments, model.sink
+    )
+
+
 def normalising_with(model: Model, moments: Any) -> Model:
     """``model`` whose BatchNorm layers normalise with ``moments`` (per layer ``{"mean",
     "var"}``, each (F,), shaped like a :func:`recording`'s record) instead of the batch's."""
@@ -327,4 +341,5 @@ __all__ = [
     "normalising_with",
     "recording",
     "with_context",
+    "with_outputs",
 ]
