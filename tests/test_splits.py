@@ -310,6 +310,7 @@ def test_protocol_stated_with_results():
         "checkpoint": "last",
         "top_k": None,
         "ranked_by": None,
+        "adaptation": "algorithm",
     }
     assert describe_protocol(protocol) == (
         "split alphabets (seed 0), rotation per_task_train_only, 600 tasks x 2 queries per class, "
@@ -330,6 +331,7 @@ def test_protocol_stated_with_results():
         "checkpoint": "last",
         "top_k": None,
         "ranked_by": None,
+        "adaptation": "algorithm",
     }
     assert protocol_of(omniglot_cfg(rotations=False))["rotation"] == "none"
     assert protocol_of(omniglot_cfg())["split"] == "random"
