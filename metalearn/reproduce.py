@@ -8,6 +8,15 @@ recorded (``error.txt``) and the suite goes on. At the end the runs are aggregat
 :mod:`metalearn.report` into ``results.md``, ``results.csv`` and ``curves/*.png``, next to
 the numbers the presets record from the papers.
 
+A suite may chain its runs: an override whose value holds ``${stage:NAME}`` gets the run dir
+of the suite's earlier experiment NAME for the same seed (:func:`stage_dirs`), e.g.
+``model.init_from=${stage:pretrain_miniimagenet_feat_resnet12}`` meta-trains from that
+pre-training. Jobs run in the suite's order, so the stage is done (or failed) by then. The
+same command again with the same ``--out`` continues the suite: a job whose run dir holds
+results.json (and no error.txt) is skipped, one with a started run dir is resumed
+(``trainer.resume=true``, bit for bit), so a suite killed anywhere, even with SIGKILL,
+finishes as if never interrupted.
+
 The suites are config, not code: ``conf/suite/<name>.yaml`` of the packaged config directory
 (:func:`suite_dir`), each with its presets, seeds, overrides for every job and per preset, and
 expected wall time (:func:`load_suite`).
@@ -19,6 +28,7 @@ its own Hydra run dir, exactly as a user's command would.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +60,9 @@ class Suite:
     expected: str = ""
     # Place in the listing of ``metalearn reproduce --help``.
     order: int = 0
+    # The preset an experiment entry runs when its name is not one: null runs no preset (the
+    # overrides say everything; a small CPU stage, say). Default: the entry's own name.
+    presets: dict[str, str | None] = field(default_factory=dict)
 
 
 class SuiteError(ValueError):
@@ -88,14 +101,45 @@ def load_suite(path: Path) -> Suite:
     stray = sorted(set(per_experiment) - set(experiments))
     if stray:
         raise SuiteError(f"{path}: per_experiment.{stray[0]}: not among the suite's experiments")
+    presets = data.get("presets") or {}
+    if not isinstance(presets, dict) or not all(v is None or isinstance(v, str) for v in presets.values()):
+        raise SuiteError(f"{path}: presets: must map entries to a preset name or null")
+    stray = sorted(set(presets) - set(experiments))
+    if stray:
+        raise SuiteError(f"{path}: presets.{stray[0]}: not among the suite's experiments")
+    suite_overrides = _strings(data.get("overrides") or [], f"{path}: overrides")
+    per = {k: _strings(v, f"{path}: per_experiment.{k}") for k, v in per_experiment.items()}
+    for i, exp in enumerate(experiments):
+        for override in (*suite_overrides, *per.get(exp, ())):
+            for stage in STAGE_REF.findall(override):
+                if stage not in experiments[:i]:
+                    raise SuiteError(
+                        f"{path}: {override!r} (for {exp}): ${{stage:{stage}}} must name an earlier "
+                        "experiment of the suite"
+                    )
     return Suite(
         experiments=experiments,
         seeds=tuple(seeds),
-        overrides=_strings(data.get("overrides") or [], f"{path}: overrides"),
-        per_experiment={k: _strings(v, f"{path}: per_experiment.{k}") for k, v in per_experiment.items()},
+        overrides=suite_overrides,
+        per_experiment=per,
+        presets=dict(presets),
         expected=str(data.get("expected", "")),
         order=_order(data.get("order", 0), path),
     )
+
+
+# ``${stage:NAME}`` in a suite's override: the run dir of its experiment NAME, same seed.
+STAGE_REF = re.compile(r"\$\{stage:([^}]+)\}")
+
+
+def run_dir_of(out: Path, experiment: str, seed: int) -> Path:
+    """Where :func:`plan` puts the run of ``experiment`` and ``seed`` under the report folder."""
+    return out / "runs" / experiment / f"seed{seed}"
+
+
+def stage_dirs(override: str, out: Path, seed: int) -> str:
+    """``override`` with every ``${stage:NAME}`` replaced by NAME's run dir for ``seed``."""
+    return STAGE_REF.sub(lambda m: str(run_dir_of(out, m.group(1), seed)), override)
 
 
 def _order(value: Any, path: Path) -> int:
@@ -131,7 +175,12 @@ def plan(
     """The jobs ``(experiment, seed, argv)`` and notes on what is skipped and why."""
     jobs, notes = [], []
     for exp in suite.experiments:
-        args = [f"experiment={exp}", *suite.overrides, *suite.per_experiment.get(exp, ())]
+        preset = suite.presets.get(exp, exp)
+        args = [
+            *([f"experiment={preset}"] if preset else []),
+            *suite.overrides,
+            *suite.per_experiment.get(exp, ()),
+        ]
         if _needs_mini_imagenet(exp):
             if not mini_imagenet_dir:
                 notes.append(
@@ -152,21 +201,33 @@ def plan(
         if data_dir and _needs_omniglot(exp):
             args.append(f"dataset.data_dir={data_dir}")
         for seed in seeds:
-            run_dir = out / "runs" / exp / f"seed{seed}"
-            argv = [*args, f"seed={seed}", "trainer.progress=false", *extra, f"hydra.run.dir={run_dir}"]
+            run_dir = run_dir_of(out, exp, seed)
+            chained = [stage_dirs(a, out, seed) for a in args]
+            argv = [*chained, f"seed={seed}", "trainer.progress=false", *extra, f"hydra.run.dir={run_dir}"]
             jobs.append((exp, seed, argv))
     return jobs, notes
 
 
-def run_job(argv: list[str], log_path: Path) -> tuple[int, float]:
-    """Run ``metalearn train <argv>``; stdout and stderr go to ``log_path``."""
+def run_job(argv: list[str], log_path: Path, append: bool = False) -> tuple[int, float]:
+    """Run ``metalearn train <argv>``; stdout and stderr go to ``log_path`` (after what it
+    holds with ``append``)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log_path.open("w") as log:
+    with log_path.open("a" if append else "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "metalearn.cli", "train", *argv], stdout=log, stderr=subprocess.STDOUT
         )
     return proc.returncode, time.perf_counter() - start
+
+
+def _rerun_state(run_dir: Path) -> str:
+    """ "done" (results.json and no error.txt: skipped on a rerun), "started" (anything else
+    there: resumed) or "new" (no run dir yet)."""
+    if (run_dir / "results.json").is_file() and not (run_dir / "error.txt").exists():
+        return "done"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return "started"
+    return "new"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,8 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for i, (exp, seed, job) in enumerate(jobs, 1):
         log_path = out / "logs" / f"{exp}_seed{seed}.log"
-        code, seconds = run_job(job, log_path)
-        run_dir = out / "runs" / exp / f"seed{seed}"
+        run_dir = run_dir_of(out, exp, seed)
+        state = _rerun_state(run_dir)
+        if state == "done":
+            print(f"[{i}/{len(jobs)}] {exp} seed {seed}: done already ({run_dir})", flush=True)
+            continue
+        if state == "started":  # an interrupted earlier invocation: continue that run (and its log)
+            job = [*job[:-1], "trainer.resume=true", job[-1]]
+        code, seconds = run_job(job, log_path, append=state == "started")
         if code != 0:
             failures += 1
             tail = (log_path.read_text().strip().splitlines() or ["?"])[-1]

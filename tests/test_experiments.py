@@ -60,6 +60,14 @@ TINY = [
 ]
 # The conv presets' network shrunk too (the sinusoid presets' MLP has no such keys).
 TINY_CONV = ["model.filters=4", "model.blocks=1"]
+# The ResNet-12 presets' network (named *_resnet12): two thin stages.
+TINY_RESNET = ["model.channels=[4,6]"]
+
+
+def _tiny_model(name: str, dataset: str) -> list[str]:
+    if dataset == "sinusoid":
+        return []
+    return TINY_RESNET if name.endswith("_resnet12") else TINY_CONV
 
 
 def _compose(overrides: list[str]):
@@ -114,7 +122,7 @@ def test_preset_composes_and_validates(name):
 @pytest.mark.parametrize("name", _training_params())
 def test_preset_trains(name, tmp_path, omniglot_cache, request):
     dataset = _pair(name)[1]
-    overrides = [f"experiment={name}", *TINY, *(TINY_CONV if dataset != "sinusoid" else [])]
+    overrides = [f"experiment={name}", *TINY, *_tiny_model(name, dataset)]
     if dataset == "omniglot":
         if not SHARED_OMNIGLOT.is_dir():
             pytest.skip("shared Omniglot archives not present")
