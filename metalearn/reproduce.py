@@ -27,6 +27,7 @@ its own Hydra run dir, exactly as a user's command would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -208,16 +209,50 @@ def plan(
     return jobs, notes
 
 
-def run_job(argv: list[str], log_path: Path, append: bool = False) -> tuple[int, float]:
-    """Run ``metalearn train <argv>``; stdout and stderr go to ``log_path`` (after what it
-    holds with ``append``)."""
+def run_job(argv: list[str], log_path: Path, append: bool = False) -> tuple[int, float, float]:
+    """Run ``metalearn train <argv>``: see :func:`run_measured`."""
+    return run_measured([sys.executable, "-m", "metalearn.cli", "train", *argv], log_path, append)
+
+
+def _high_water_mib(pid: int) -> float | None:
+    """VmHWM of a running process in MiB (Linux), None where /proc does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_measured(command: list[str], log_path: Path, append: bool = False) -> tuple[int, float, float]:
+    """Run ``command``; stdout and stderr go to ``log_path`` (after what it holds with
+    ``append``). Returns (exit code, wall seconds, the command's peak resident memory in MiB).
+
+    The peak is the child's own high-water mark (VmHWM in /proc/<pid>/status, read every
+    0.1 s until it exits): ``getrusage``'s ru_maxrss of a child also counts the parent's
+    pages at the fork. Where /proc is absent (macOS) ru_maxrss is used."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    peak = None
     with log_path.open("a" if append else "w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", "metalearn.cli", "train", *argv], stdout=log, stderr=subprocess.STDOUT
-        )
-    return proc.returncode, time.perf_counter() - start
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                seen = _high_water_mib(proc.pid)
+                peak = seen if peak is None or (seen is not None and seen > peak) else peak
+                time.sleep(0.1)
+        except BaseException:  # e.g. Ctrl-C: stop the job too rather than leave it running
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if peak is None:  # ru_maxrss: KiB on Linux, bytes on macOS
+        peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return proc.returncode, time.perf_counter() - start, peak
 
 
 def _rerun_state(run_dir: Path) -> str:
@@ -312,7 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if state == "started":  # an interrupted earlier invocation: continue that run (and its log)
             job = [*job[:-1], "trainer.resume=true", job[-1]]
-        code, seconds = run_job(job, log_path, append=state == "started")
+        code, seconds, peak_mib = run_job(job, log_path, append=state == "started")
+        record = {"experiment": exp, "seed": seed, "exit": code, "seconds": seconds, "peak_rss_mib": peak_mib}
+        with (out / "jobs.jsonl").open("a") as f:  # one line per job run (a resumed job adds one)
+            f.write(json.dumps({**record, "resumed": state == "started"}) + "\n")
         if code != 0:
             failures += 1
             tail = (log_path.read_text().strip().splitlines() or ["?"])[-1]
@@ -324,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         else:
-            print(f"[{i}/{len(jobs)}] {exp} seed {seed}: done in {seconds:.0f} s", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] {exp} seed {seed}: done in {seconds:.0f} s, "
+                f"peak memory {peak_mib:.0f} MiB",
+                flush=True,
+            )
     elapsed = time.perf_counter() - start
     write_report(out / "runs", out, title=f"metalearn reproduce {args.suite}")
     summary = f"{len(jobs)} job(s) in {elapsed:.0f} s, {failures} failed"

@@ -164,3 +164,20 @@ def test_group_checks_run_from_validate():
 def test_new_algo_config_range_checks_name_the_key(algo, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(make_cfg(algo=algo))
+
+
+# Every image dataset with every image model: the dataset's per-model keys (Conv4's filters and
+# downsampling, conf/dataset_model/) must not reach a model that lacks them.
+@pytest.mark.parametrize(
+    "dataset", ["omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder", "tfds"]
+)
+@pytest.mark.parametrize("model", ["conv4", "resnet12"])
+def test_every_image_dataset_composes_with_every_image_model(dataset, model):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=cli.config_dir(), version_base=None):
+        cfg = compose("config", overrides=[f"dataset={dataset}", f"model={model}", "algo=protonet"])
+    assert cfg.model.name == model
+    if model == "conv4" and dataset != "omniglot":
+        assert cfg.model.downsample == "maxpool"
+        assert cfg.model.filters == (64 if dataset in ("cifar_fs", "fc100") else 32)

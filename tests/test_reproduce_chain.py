@@ -111,3 +111,25 @@ def test_chain_killed_in_its_second_stage_resumes_exactly(tmp_path):
         assert _results(killed / "runs" / stage / "seed0") == _results(ref / "runs" / stage / "seed0")
     init_from = json.loads((second / "init_from.json").read_text())
     assert Path(init_from["run_dir"]) == killed / "runs" / FIRST / "seed0", init_from
+
+
+def test_each_job_reports_its_own_peak_memory(tmp_path):
+    """reproduce records a job's own peak resident memory: a child that holds 300 MiB reports
+    at least that, and a small child neither inherits it nor counts this (large) process."""
+    from metalearn.reproduce import run_measured
+
+    # Each child lives long enough to be sampled (run_measured reads VmHWM every 0.1 s).
+    big = [
+        sys.executable,
+        "-c",
+        "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)",
+    ]
+    small = [sys.executable, "-c", "import time; time.sleep(0.5)"]
+    code, seconds, peak_big = run_measured(big, tmp_path / "big.log")
+    assert code == 0 and seconds > 0
+    code, _, peak_small = run_measured(small, tmp_path / "small.log")
+    assert code == 0
+    assert peak_big >= 300, peak_big
+    assert peak_small < 100, peak_small
+    code, _, _ = run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log")
+    assert code == 3
