@@ -17,8 +17,10 @@ pre-trained one (``algo=pretrain``):
   is not penalised), by ``eval.adaptation_steps`` iterations of L-BFGS from W = 0, b = 0;
 - ``finetune_head``: a new linear head (zeros) trained on the frozen support features by
   ``eval.adaptation_steps`` full-batch gradient steps of rate ``eval.adaptation_lr``
-  (Chen et al. 2019's Baseline trains a new head for 100 iterations of SGD, lr 0.01, on
-  mini-batches of 4 with momentum; here full-batch plain steps, deterministic);
+  (Chen et al. 2019's Baseline trains a new head for 100 epochs over the support set in
+  mini-batches of 4, SGD lr 0.01, momentum 0.9, dampening 0.9, weight decay 1e-3:
+  CloserLookFewShot methods/baselinefinetune.py:33-50; here full-batch plain steps,
+  deterministic);
 - ``finetune_all``: the same head and the backbone fine-tuned together on the support set.
 
 Labels are 0..n-1 and n is not a trace-time constant (see protonet.py): every rule scores

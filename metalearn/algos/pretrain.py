@@ -15,12 +15,13 @@ image) and minimises the cross-entropy over all C training classes of
 
 Validation and test are few-shot episodes on their own classes, adapted by nearest class
 mean on the features (Euclidean, ProtoNet's rule): ``eval.checkpoint=best`` then selects the
-parameters by few-shot accuracy on the validation classes, as RFS and FEAT do. Any other
+parameters by few-shot accuracy on the validation classes, as FEAT's pretrain.py does. Any other
 rule of ``eval.adaptation`` (metalearn/adaptation.py) applies: Baseline's fine-tuned head
 (finetune_head), RFS's logistic regression (linear_probe), cosine nearest class mean. The
 papers' optimisers: Chen et al. Adam, lr 1e-3, batch 16 (400 epochs for Conv4/ResNet);
-RFS SGD lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, lr x 0.1 at epochs 60 and 80 of
-100 (optim.* and trainer.* keys; the presets set them). No data augmentation here.
+RFS SGD lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, lr x 0.1 after epochs 60 and 80
+of 100 (optim.* and trainer.* keys; the presets set them, with their sources and deviations).
+No data augmentation here.
 
 State: meta_params = the model's parameters with a C-way head; adapted = prototypes.
 ``model.init_from`` of another run then takes the backbone (metalearn/backbone.py).
