@@ -1,0 +1,113 @@
+"""dataset=multi (metalearn/multisource.py): several sources in one run.
+
+The sources are synthetic image folders whose every pixel says where it came from: source s,
+class c holds the grey value 40 * s + 2 * c + 1 (flat images stay flat through resizing and
+the grey-to-RGB repeat), so a sampled episode reveals the source and the classes of each of
+its images. Plus the local TFDS builder of test_tfds_source.py and the shared Omniglot
+archives for the end-to-end run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import SHARED_OMNIGLOT, make_cfg, run_cli, run_cli_in_process
+
+from metalearn.config import validate
+from metalearn.errors import ConfigError
+from metalearn.evaluation import evaluate_params, final_results
+from metalearn.multisource import SHARED_KEYS, source_choice
+from metalearn.step import init_state, setup
+from metalearn.tasks import build_task_source
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+N_CLASSES = 20  # per synthetic source; split 0.64 / 0.16 / 0.2 by image_folder
+PER_CLASS = 6
+
+
+def pixel(source: int, label: int) -> int:
+    return 40 * source + 2 * label + 1
+
+
+def write_folder(root: Path, source: int, n_classes: int = N_CLASSES, size: int = 10) -> Path:
+    """A flat image folder: class c holds PER_CLASS flat grey images of value pixel(source, c)."""
+    from PIL import Image
+
+    for label in range(n_classes):
+        folder = root / f"class{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            Image.new("L", (size + i, size), pixel(source, label)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("multi_folders")
+    return [write_folder(base / f"source{s}", s) for s in range(3)]
+
+
+def folder_source(path: Path, **keys) -> dict:
+    return {"name": "image_folder", "path": str(path), **keys}
+
+
+def multi_cfg(sources: list[dict], tmp_path: Path, **dataset):
+    values = dict(
+        name="multi",
+        sources=sources,
+        n_way=3,
+        k_shot=1,
+        k_query=2,
+        image_size=8,
+        data_dir=str(tmp_path / "data"),
+    )
+    values.update(dataset)
+    return make_cfg(
+        dataset=values,
+        model={"name": "conv4", "filters": 4},
+        algo={"inner_steps": 1, "inner_steps_test": 1},
+        trainer={"meta_batch_size": 2},
+        eval={"n_tasks": 6, "batch_size": 3},
+    )
+
+
+def source_and_classes(images: np.ndarray) -> tuple[set[int], set[int]]:
+    """The sources and the classes (source, label) that flat images of pixel(s, c) came from."""
+    values = np.asarray(images)[..., 0, 0, 0].reshape(-1)
+    pixels = np.rint(values * 255).astype(int)
+    return {(p - 1) // 40 for p in pixels}, {((p - 1) // 40, ((p - 1) % 40) // 2) for p in pixels}
+
+
+def test_each_episode_comes_from_one_source_drawn_by_the_weights(folders, tmp_path):
+    weights = [1.0, 2.0, 5.0]
+    cfg = multi_cfg([folder_source(p, weight=w) for p, w in zip(folders, weights, strict=True)], tmp_path)
+    validate(cfg)
+    source = build_task_source(cfg.dataset)
+    assert source.input_shape == (8, 8, 3) and [label for label, _ in source.parts] == [
+        "image_folder_0",
+        "image_folder_1",
+        "image_folder_2",
+    ]
+    n = 1200
+    keys = jax.random.split(jax.random.PRNGKey(7), n)
+    tasks = jax.jit(jax.vmap(source.sample, in_axes=(None, 0)))(source.splits["train"], keys)
+    counts = np.zeros(3, int)
+    chosen = np.asarray(jax.vmap(lambda k: source_choice(k, tuple(weights)))(keys))
+    for i in range(n):
+        images = np.concatenate([np.asarray(tasks.support_x[i]), np.asarray(tasks.query_x[i])])
+        sources, classes = source_and_classes(images)
+        assert len(sources) == 1, f"episode {i} mixes sources {sources}"
+        (s,) = sources
+        assert s == chosen[i]  # the source the key names
+        assert len(classes) == 3  # n_way classes of that source
+        counts[s] += 1
+    expected = n * np.asarray(weights) / sum(weights)
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    # Chi-square with 2 degrees of freedom: P(chi2 > 13.8) = 0.001.
+    assert chi2 < 13.8, (counts, expected)
