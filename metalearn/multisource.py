@@ -98,7 +98,8 @@ def source_entries(d: Any) -> list[SourceEntry]:
 
     sources = list(d.sources or [])
     need(bool(sources), "dataset.sources", sources, "a non-empty list of sources, e.g. [{name: omniglot}]")
-    names = [s.get("name") if hasattr(s, "get") else None for s in sources]
+    # Sources without a label of their own that share a name get their index in the default.
+    names = [s.get("name") if hasattr(s, "get") and not s.get("label") else None for s in sources]
     allowed = sorted(n for n in schemas("dataset") if n not in NOT_SOURCES)
     entries, labels = [], set()
     for index, raw in enumerate(sources):

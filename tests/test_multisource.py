@@ -20,7 +20,7 @@ from conftest import SHARED_OMNIGLOT, make_cfg, run_cli, run_cli_in_process
 
 from metalearn.config import validate
 from metalearn.errors import ConfigError
-from metalearn.evaluation import evaluate_params, final_results
+from metalearn.evaluation import evaluate_params, final_results, format_final
 from metalearn.multisource import SHARED_KEYS, source_choice
 from metalearn.step import init_state, setup
 from metalearn.tasks import build_task_source
@@ -111,3 +111,71 @@ def test_each_episode_comes_from_one_source_drawn_by_the_weights(folders, tmp_pa
     chi2 = float(np.sum((counts - expected) ** 2 / expected))
     # Chi-square with 2 degrees of freedom: P(chi2 > 13.8) = 0.001.
     assert chi2 < 13.8, (counts, expected)
+
+
+def test_per_source_evaluation_equals_each_source_alone(folders, tmp_path):
+    """Validation and test of a multi run: each source's numbers are those of that source
+    evaluated alone (same parameters, same seed, so the same tasks); the summary is their
+    mean with the stratified 95% interval."""
+    sources = [folder_source(folders[0], weight=3), folder_source(folders[2], label="third")]
+    cfg = multi_cfg(sources, tmp_path)
+    validate(cfg)
+    exp = setup(cfg)
+    state = init_state(exp, cfg.seed)
+    results = final_results(exp, state, cfg, 0, {})
+    test = results["test"]
+    assert list(test["sources"]) == ["image_folder", "third"]
+    for source, (label, summary) in zip(sources, test["sources"].items(), strict=True):
+        alone = make_cfg(**{**cfg, "dataset": {**source_alone(cfg, source)}})
+        validate(alone)
+        alone_exp = setup(alone)
+        assert alone_exp.source.input_shape == exp.source.input_shape
+        for split in ("validation", "test"):
+            want = evaluate_params(alone_exp, state.params, alone, split, 6, 1)
+            got = evaluate_params(exp, state.params, cfg, split, 6, 1)["sources"][label]
+            assert got == want, (label, split)
+        assert summary == evaluate_params(alone_exp, state.params, alone, "test", 6, 1)
+    means = [s["mean"] for s in test["sources"].values()]
+    assert test["mean"] == pytest.approx(sum(means) / 2) and test["n_tasks"] == 12
+    half_widths = [s["ci95"] for s in test["sources"].values()]
+    assert test["ci95"] == pytest.approx(math.sqrt(sum(h * h for h in half_widths)) / 2)
+    line = format_final(results, "test")
+    assert "= mean over 2 sources [image_folder accuracy" in line and "; third accuracy" in line
+
+
+def source_alone(cfg, source: dict) -> dict:
+    """The single-dataset config of one multi source: its keys plus the shared ones."""
+    shared = {k: cfg.dataset[k] for k in (*SHARED_KEYS, "channels", "data_dir")}
+    return {**shared, **{k: v for k, v in source.items() if k not in ("weight", "label")}}
+
+
+BAD = [
+    ("dataset.sources=[]", "invalid dataset.sources=[]"),
+    ("dataset.sources=[{name:no_such}]", "invalid dataset.sources[0].name='no_such'"),
+    ("dataset.sources=[{name:sinusoid}]", "invalid dataset.sources[0].name='sinusoid'"),
+    ("dataset.sources=[{name:image_folder,path:FOLDER,weight:0}]", "invalid dataset.sources[0].weight=0"),
+    ("dataset.sources=[{name:image_folder,path:FOLDER,weight:-1.5}]", "invalid dataset.sources[0].weight=-1.5"),
+    ("dataset.sources=[{name:image_folder,path:FOLDER,n_way:3}]", "invalid dataset.sources[0].n_way=3"),
+    ("dataset.sources=[{name:image_folder,path:FOLDER,varaint:small}]", "invalid dataset.sources[0].varaint"),
+    ("dataset.sources=[{name:omniglot,variant:tiny}]", "dataset.sources[0] (omniglot): invalid dataset.variant"),
+    # 20 classes split 0.64 / 0.16 / 0.2: 3 validation classes, fewer than 5 ways.
+    ("dataset.sources=[{name:image_folder,path:FOLDER}] dataset.n_way=5", "dataset.sources[0] (image_folder): invalid dataset.n_way=5"),
+    ("dataset.sources=[{name:omniglot,variant:small}] dataset.n_way=90", "dataset.sources[0] (omniglot): invalid dataset.n_way=90"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("override", "needle"), BAD)
+def test_bad_configs_are_one_line_and_exit_2(folders, tmp_path, override, needle):
+    args = [o.replace("FOLDER", str(folders[0])) for o in override.split()]
+    code, out, err = run_cli_in_process(
+        "train",
+        "dataset=multi",
+        *args,
+        f"dataset.data_dir={tmp_path / 'data'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.steps=1",
+        "trainer.progress=false",
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err, out)
+    assert not (tmp_path / "run" / "results.json").exists()
