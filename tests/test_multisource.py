@@ -19,7 +19,6 @@ import pytest
 from conftest import SHARED_OMNIGLOT, make_cfg, run_cli, run_cli_in_process
 
 from metalearn.config import validate
-from metalearn.errors import ConfigError
 from metalearn.evaluation import evaluate_params, final_results, format_final
 from metalearn.multisource import SHARED_KEYS, source_choice
 from metalearn.step import init_state, setup
@@ -149,19 +148,26 @@ def source_alone(cfg, source: dict) -> dict:
     return {**shared, **{k: v for k, v in source.items() if k not in ("weight", "label")}}
 
 
+FOLDER_SOURCE = "dataset.sources=[{name:image_folder,path:FOLDER"
+OMNIGLOT_SOURCE = "dataset.sources=[{name:omniglot,variant:small}]"
 BAD = [
     ("dataset.sources=[]", "invalid dataset.sources=[]"),
     ("dataset.sources=[{name:no_such}]", "invalid dataset.sources[0].name='no_such'"),
     ("dataset.sources=[{name:sinusoid}]", "invalid dataset.sources[0].name='sinusoid'"),
-    ("dataset.sources=[{name:image_folder,path:FOLDER,weight:0}]", "invalid dataset.sources[0].weight=0"),
-    ("dataset.sources=[{name:image_folder,path:FOLDER,weight:-1.5}]", "invalid dataset.sources[0].weight=-1.5"),
-    ("dataset.sources=[{name:image_folder,path:FOLDER,n_way:3}]", "invalid dataset.sources[0].n_way=3"),
-    ("dataset.sources=[{name:image_folder,path:FOLDER,varaint:small}]", "invalid dataset.sources[0].varaint"),
-    ("dataset.sources=[{name:omniglot,variant:tiny}]", "dataset.sources[0] (omniglot): invalid dataset.variant"),
+    (FOLDER_SOURCE + ",weight:0}]", "invalid dataset.sources[0].weight=0"),
+    (FOLDER_SOURCE + ",weight:-1.5}]", "invalid dataset.sources[0].weight=-1.5"),
+    (FOLDER_SOURCE + ",n_way:3}]", "invalid dataset.sources[0].n_way=3"),
+    (FOLDER_SOURCE + ",varaint:small}]", "invalid dataset.sources[0].varaint"),
+    (FOLDER_SOURCE + ",label:a},{name:omniglot,label:a}]", "invalid dataset.sources[1].label='a'"),
+    (
+        "dataset.sources=[{name:omniglot,variant:tiny}]",
+        "dataset.sources[0] (omniglot): invalid dataset.variant",
+    ),
     # 20 classes split 0.64 / 0.16 / 0.2: 3 validation classes, fewer than 5 ways.
-    ("dataset.sources=[{name:image_folder,path:FOLDER}] dataset.n_way=5", "dataset.sources[0] (image_folder): invalid dataset.n_way=5"),
-    ("dataset.sources=[{name:omniglot,variant:small}] dataset.n_way=90", "dataset.sources[0] (omniglot): invalid dataset.n_way=90"),
-]  # fmt: skip
+    (FOLDER_SOURCE + "}] dataset.n_way=5", "dataset.sources[0] (image_folder): invalid dataset.n_way=5"),
+    (OMNIGLOT_SOURCE + " dataset.n_way=90", "dataset.sources[0] (omniglot): invalid dataset.n_way=90"),
+    (FOLDER_SOURCE + "}] dataset.placement=host", "invalid dataset.placement='host'"),
+]
 
 
 @pytest.mark.parametrize(("override", "needle"), BAD)
@@ -179,3 +185,74 @@ def test_bad_configs_are_one_line_and_exit_2(folders, tmp_path, override, needle
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], (code, err, out)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    """The local TFDS dataset of test_tfds_source.py (10 flat-colour classes), prepared
+    offline."""
+    import tensorflow_datasets as tfds
+    from test_tfds_source import MetalearnTestShapes
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = MetalearnTestShapes(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return data_dir
+
+
+def end_to_end_sources(omniglot: Path, folder: Path, tfds_dir: Path) -> str:
+    """The dataset.sources override of docs/datasets.md's example: Omniglot small (weight 2),
+    an image folder and a TFDS dataset."""
+    from test_tfds_source import NAME
+
+    return (
+        f"dataset.sources=[{{name:omniglot,variant:small,manual_dir:'{omniglot}',weight:2}},"
+        f"{{name:image_folder,path:'{folder}',label:shapes_folder}},"
+        f"{{name:tfds,tfds_name:{NAME},tfds_splits:[train,test],image_key:picture,label_key:kind,"
+        f"download:false,data_dir:'{tfds_dir}'}}]"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
+def test_end_to_end_omniglot_folder_and_tfds(folders, shapes_dir, tmp_path):
+    """One `metalearn train` on three sources, then `metalearn eval` of the run and
+    `metalearn report`: per-source results in results.json, the final line and the report.
+    About a CPU-minute: pytest -m slow -n 0 tests/test_multisource.py"""
+    run = tmp_path / "run"
+    train = [
+        "train", "dataset=multi", end_to_end_sources(SHARED_OMNIGLOT, folders[1], shapes_dir),
+        "dataset.n_way=2", "dataset.k_shot=1", "dataset.k_query=1", "dataset.image_size=16",
+        f"dataset.data_dir={tmp_path / 'data'}", "model.filters=4", "algo.inner_steps=1",
+        "algo.inner_steps_test=1", "trainer.steps=4", "trainer.meta_batch_size=4", "trainer.log_every=2",
+        "trainer.val_every=2", "trainer.val_tasks=4", "trainer.checkpoint_every=2", "trainer.progress=false",
+        "eval.n_tasks=8", "eval.batch_size=8", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = run_cli(*train, cwd=tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    test = results["test"]
+    assert results["dataset"] == "multi" and list(test["sources"]) == ["omniglot", "shapes_folder", "tfds"]
+    assert test["n_tasks"] == 24 and all(s["n_tasks"] == 8 for s in test["sources"].values())
+    assert test["mean"] == pytest.approx(sum(s["mean"] for s in test["sources"].values()) / 3)
+    final = proc.stdout.strip().splitlines()[-1]
+    assert final.startswith("test accuracy ") and "= mean over 3 sources [omniglot accuracy" in final, final
+    assert "shapes_folder accuracy" in final and "tfds accuracy" in final
+    validation = [
+        r
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "validation"
+    ]
+    assert len(validation) == 2 and {"accuracy/omniglot", "accuracy/shapes_folder", "accuracy/tfds"} <= set(
+        validation[0]
+    )
+
+    # `metalearn eval` of the run: the same per-source numbers from the stored config.
+    run_cli("eval", f"run_dir={run}", cwd=tmp_path)
+    (evaluated,) = (run / "eval").glob("*/results.json")
+    assert json.loads(evaluated.read_text())["test"] == test
+
+    proc = run_cli("report", str(tmp_path), "--out", str(tmp_path / "report"), cwd=tmp_path)
+    assert "## Per source" in proc.stdout
+    for label, summary in test["sources"].items():
+        assert f"| {label} | {100 * summary['mean']:.2f} ± {100 * summary['ci95']:.2f} |" in proc.stdout
+    assert f"| mean over 3 sources | {100 * test['mean']:.2f} ± {100 * test['ci95']:.2f} |" in proc.stdout
