@@ -20,7 +20,7 @@ from conftest import SHARED_OMNIGLOT, make_cfg, run_cli, run_cli_in_process
 
 from metalearn.config import validate
 from metalearn.evaluation import evaluate_params, final_results, format_final
-from metalearn.multisource import SHARED_KEYS, source_choice
+from metalearn.multisource import SHARED_KEYS, combine_summaries, source_choice
 from metalearn.step import init_state, setup
 from metalearn.tasks import build_task_source
 
@@ -256,3 +256,37 @@ def test_end_to_end_omniglot_folder_and_tfds(folders, shapes_dir, tmp_path):
     for label, summary in test["sources"].items():
         assert f"| {label} | {100 * summary['mean']:.2f} ± {100 * summary['ci95']:.2f} |" in proc.stdout
     assert f"| mean over 3 sources | {100 * test['mean']:.2f} ± {100 * test['ci95']:.2f} |" in proc.stdout
+
+
+def test_report_pools_each_source_over_seeds(tmp_path):
+    """`metalearn report` of two seeds of a multi run: each source's row pooled over seeds
+    like the configuration's (report._pooled), in results.md and the CSV."""
+    import csv
+
+    import yaml
+
+    from metalearn.report import _pooled
+
+    def summary(mean, ci, n=10):
+        return {"metric": "accuracy", "mean": mean, "ci95": ci, "n_tasks": n}
+
+    seeds = {
+        0: {"a": summary(0.6, 0.05), "b": summary(0.8, 0.04)},
+        1: {"a": summary(0.7, 0.06), "b": summary(0.9, 0.02)},
+    }
+    for seed, sources in seeds.items():
+        run = tmp_path / "runs" / f"seed{seed}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nrun_dir: null\n")
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["dataset=multi", f"seed={seed}"]))
+        (run / "results.json").write_text(json.dumps({"test": combine_summaries(sources)}))
+    code, out, err = run_cli_in_process("report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    for label in ("a", "b"):
+        each = [seeds[s][label] for s in (0, 1)]
+        mean, ci = _pooled([x["mean"] for x in each], [x["ci95"] for x in each], [10, 10])
+        assert f"| `dataset=multi` | {label} | {100 * mean:.2f} ± {100 * ci:.2f} |" in out, out
+    with (tmp_path / "rep" / "results.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert set(json.loads(row["per_source"])) == {"a", "b"}
+    assert float(row["mean"]) == pytest.approx((0.6 + 0.8 + 0.7 + 0.9) / 4)
