@@ -29,6 +29,7 @@ source evaluated alone with the same seed, and the summary is the mean over sour
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -72,6 +73,7 @@ class SourceEntry(NamedTuple):
     label: str
     weight: float
     config: Any
+    own_keys: tuple[str, ...]  # the keys the source sets itself (besides name, weight, label)
 
     @property
     def where(self) -> str:
@@ -142,16 +144,22 @@ def source_entries(d: Any) -> list[SourceEntry]:
         except OmegaConfBaseException as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(f"invalid {key}: {first}") from None
-        entries.append(SourceEntry(index, label, float(weight), config))
+        entries.append(SourceEntry(index, label, float(weight), config, tuple(values)))
     return entries
 
 
 def in_source(entry: SourceEntry, action, *args):
-    """``action(*args)``, its ConfigError or DataError prefixed with the source it concerns."""
+    """``action(*args)``, its ConfigError or DataError naming the source: a key the source
+    set itself as ``dataset.sources[i].<key>``, otherwise (a shared key such as
+    dataset.n_way, or a data problem) prefixed with ``dataset.sources[i] (<label>):``."""
     try:
         return action(*args)
     except (ConfigError, DataError) as err:
-        raise type(err)(f"{entry.where}: {err}") from None
+        message = str(err)
+        own = re.match(r"invalid dataset\.(\w+)", message)
+        if own and own.group(1) in entry.own_keys:
+            raise type(err)(message.replace("dataset.", f"dataset.sources[{entry.index}].", 1)) from None
+        raise type(err)(f"{entry.where}: {message}") from None
 
 
 def conform(splits: dict[str, Any], image_size: int, channels: int) -> dict[str, Any]:

@@ -161,8 +161,9 @@ BAD = [
     (FOLDER_SOURCE + ",label:a},{name:omniglot,label:a}]", "invalid dataset.sources[1].label='a'"),
     (
         "dataset.sources=[{name:omniglot,variant:tiny}]",
-        "dataset.sources[0] (omniglot): invalid dataset.variant",
+        "invalid dataset.sources[0].variant='tiny'",
     ),
+    (FOLDER_SOURCE + "},{name:image_folder,path:/no/such}]", "invalid dataset.sources[1].path='/no/such'"),
     # 20 classes split 0.64 / 0.16 / 0.2: 3 validation classes, fewer than 5 ways.
     (FOLDER_SOURCE + "}] dataset.n_way=5", "dataset.sources[0] (image_folder): invalid dataset.n_way=5"),
     (OMNIGLOT_SOURCE + " dataset.n_way=90", "dataset.sources[0] (omniglot): invalid dataset.n_way=90"),
