@@ -34,6 +34,7 @@ _SCHEMA_MODULES = (
     "metalearn.models",
     "metalearn.tasks",
     "metalearn.trackers",
+    "metalearn.multisource",
     *(
         f"metalearn.data.{m}"
         for m in ("omniglot", "mini_imagenet", "cifar_fewshot", "image_folder", "tfds_source")

@@ -100,6 +100,8 @@ def make_record(dataset: Any, input_shape, output_dim: int, train_images: np.nda
         }
     h, w, c = (int(d) for d in input_shape)
     polarity, how = _POLARITY.get(dataset.name), "fixed by the dataset"
+    if dataset.name == "multi":
+        how = "not one: the sources of dataset=multi differ"
     if dataset.name == "image_folder":
         polarity, how = None, "not measured (colour images)"
         if c == 1 and train_images is not None:

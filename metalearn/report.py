@@ -23,6 +23,10 @@ belong together. Per configuration the table shows
 * ``protocol``: how the runs were evaluated, as their final line states it (split, rotation,
   test tasks, which checkpoint was tested; metalearn/protocol.py).
 
+Runs with several sources (``dataset=multi``: ``test.sources`` in results.json) show the mean
+over sources in the table and each source's result, pooled over seeds the same way, in a
+section of its own (and as JSON in the CSV's ``per_source`` column).
+
 Failed runs (a run dir with ``error.txt``, or without ``results.json``) are counted per
 configuration and listed; a configuration without any finished run is marked ``failed``.
 """
@@ -82,6 +86,8 @@ class Row:
     # The evaluation protocol of its runs (metalearn/protocol.py: split, rotation, tasks, the
     # checkpoint rule), as the final line states it; "" for runs of versions before it.
     protocol: str = ""
+    # dataset=multi: label -> (mean, ci95) of each source, pooled over seeds like the row's.
+    sources: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[Run]:
@@ -190,8 +196,23 @@ def aggregate(runs: list[Run]) -> list[Row]:
             if len(means) > 1:
                 mu = sum(means) / len(means)
                 row.seed_std = math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1))
+            row.sources = _per_source(tests)
         rows.append(row)
     return rows
+
+
+def _per_source(tests: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """label -> pooled (mean, ci95) over seeds of the sources every run's test reports."""
+    labels = [
+        label for label in tests[0].get("sources", {}) if all(label in t.get("sources", {}) for t in tests)
+    ]
+    pooled = {}
+    for label in labels:
+        each = [t["sources"][label] for t in tests]
+        pooled[label] = _pooled(
+            [x["mean"] for x in each], [x["ci95"] for x in each], [x["n_tasks"] for x in each]
+        )
+    return pooled
 
 
 def _protocols(runs: list[Run]) -> str:
@@ -265,6 +286,7 @@ CSV_FIELDS = [
     "status",
     "run_dirs",
     "protocol",
+    "per_source",
 ]
 
 
@@ -290,6 +312,11 @@ def write_csv(rows: list[Row], path: Path) -> None:
                     "status": _status(r),
                     "run_dirs": " ".join(str(x.path) for x in r.runs),
                     "protocol": r.protocol,
+                    "per_source": json.dumps(
+                        {label: {"mean": m, "ci95": ci} for label, (m, ci) in r.sources.items()}
+                    )
+                    if r.sources
+                    else "",
                 }
             )
 
@@ -314,6 +341,22 @@ def markdown_table(rows: list[Row], plots: dict[str, Path] | None = None, base: 
             f"{_status(r)} | {link} | {r.protocol} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def per_source_table(rows: list[Row]) -> str:
+    """The sources of multi-source configurations (dataset=multi), one line each; "" if none."""
+    lines = []
+    for r in rows:
+        for label, (mean, ci) in r.sources.items():
+            lines.append(f"| `{r.label}` | {label} | {_pm(mean, ci, r.metric)} |")
+        if r.sources:
+            lines.append(
+                f"| `{r.label}` | mean over {len(r.sources)} sources | {_pm(r.mean, r.ci95, r.metric)} |"
+            )
+    if not lines:
+        return ""
+    head = ["| configuration | source | ours (mean ± 95% CI) |", "| --- | --- | --- |"]
+    return "\n".join(head + lines) + "\n"
 
 
 def plot_curves(row: Row, path: Path) -> Path | None:
@@ -386,6 +429,9 @@ def write_report(
         "",
         markdown_table(rows, plots, out),
     ]
+    by_source = per_source_table(rows)
+    if by_source:
+        text += ["## Per source", "", by_source]
     if failed:
         text += ["## Failed runs", ""] + [f"- `{run.path}`: {run.error}" for run in failed] + [""]
     (out / "results.md").write_text("\n".join(text))

@@ -54,6 +54,9 @@ class TaskSource:
     host: HostSampler | None = None
     # Where episodes are sampled and why, for the start-of-run report.
     placement_note: str = ""
+    # dataset=multi (metalearn/multisource.py): (label, TaskSource) of each source, evaluated
+    # one by one; ``splits[split]`` then holds their data in this order. Empty otherwise.
+    parts: tuple[tuple[str, TaskSource], ...] = ()
 
     @property
     def placement(self) -> str:
@@ -436,6 +439,10 @@ def build_task_source(cfg: Any) -> TaskSource:
     """The task source for ``cfg.dataset`` (a DatasetConfig)."""
     if cfg.name == "sinusoid":
         return sinusoid_source(cfg)
+    if cfg.name == "multi":
+        from metalearn.multisource import multi_task_source
+
+        return multi_task_source(cfg)
     return image_source(cfg, load_image_arrays(cfg))
 
 

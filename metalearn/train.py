@@ -379,6 +379,8 @@ def _validate(
             "ci95": val["ci95"],
             "n_tasks": val["n_tasks"],
             **({"loss": val["loss"]} if "loss" in val else {}),
+            # dataset=multi: each source's validation metric beside their mean.
+            **{f"{metric}/{label}": s["mean"] for label, s in val.get("sources", {}).items()},
             "time_s": time.perf_counter() - start,
         }
     )
