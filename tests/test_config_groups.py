@@ -169,7 +169,7 @@ def test_new_algo_config_range_checks_name_the_key(algo, needle):
 # Every image dataset with every image model: the dataset's per-model keys (Conv4's filters and
 # downsampling, conf/dataset_model/) must not reach a model that lacks them.
 @pytest.mark.parametrize(
-    "dataset", ["omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder", "tfds"]
+    "dataset", ["omniglot", "mini_imagenet", "cifar_fs", "fc100", "image_folder", "tfds", "multi"]
 )
 @pytest.mark.parametrize("model", ["conv4", "resnet12"])
 def test_every_image_dataset_composes_with_every_image_model(dataset, model):
