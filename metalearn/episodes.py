@@ -141,12 +141,6 @@ def padded_images(images: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where(real, x, jnp.nan)
 
 
-def real_rows(x: jax.Array) -> jax.Array:
-    """(B,) bool: the rows of x (B, ...) that are not padding (not all NaN; a real image is
-    finite, so its first element decides)."""
-    return ~jnp.isnan(x.reshape(x.shape[0], -1)[:, 0])
-
-
 def way_mask_of(y: jax.Array, n_out: int) -> jax.Array:
     """(n_out,) bool: the episode's ways, 0..max(y) (labels y (N,), -1 for padding)."""
     return jnp.arange(n_out) <= jnp.max(y)

@@ -4,11 +4,13 @@ algorithm (loss, meta-gradient, accuracy, predictions) in any BatchNorm mode."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_cfg, run_cli_in_process, synthetic_image_arrays
+from conftest import SHARED_OMNIGLOT, make_cfg, run_cli, run_cli_in_process, synthetic_image_arrays
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -294,3 +296,32 @@ def test_settings_without_meaning_for_variable_shots_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="dataset.placement"):
         cfg = make_cfg(dataset={"name": "omniglot", "placement": "host", "episodes": "variable", **BOUNDS})
         image_source(cfg.dataset, synthetic_image_arrays(n_classes=6, per_class=9, size=SIZE))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
+def test_omniglot_variable_episodes_train_and_test_through_the_cli(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli(
+        "train",
+        "dataset=omniglot",
+        "dataset.variant=small",
+        f"dataset.manual_dir={SHARED_OMNIGLOT}",
+        f"dataset.data_dir={tmp_path / 'data'}",
+        "dataset.episodes=variable",
+        "dataset.max_ways=8",
+        "dataset.max_support=40",
+        "dataset.max_query=4",
+        "model.filters=4",
+        "trainer.steps=4",
+        "trainer.log_every=2",
+        "trainer.val_every=2",
+        "trainer.val_tasks=4",
+        "trainer.meta_batch_size=2",
+        "trainer.progress=false",
+        "eval.n_tasks=6",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    test = json.loads((run_dir / "results.json").read_text())["test"]
+    assert test["metric"] == "accuracy" and 0.0 <= test["mean"] <= 1.0 and test["n_tasks"] == 6
