@@ -239,6 +239,9 @@ class ImageDatasetConfig(EpisodeConfig):
         if limits is not None:
             check_episode_shape(d, *limits)
         check_variable_bounds(d)
+        if d.episodes == "variable":
+            k_query = getattr(getattr(cfg, "eval", None), "k_query", None)
+            need(k_query is None, "eval.k_query", k_query, "null with dataset.episodes=variable")
 
 
 EPISODES = ("fixed", "variable")
