@@ -268,6 +268,31 @@ def test_fixed_episodes_are_the_default_and_variable_ones_fill_the_max_ways_head
     assert task.query_x.shape == (BOUNDS["max_ways"] * BOUNDS["max_query"], SIZE, SIZE, 1)
 
 
+def test_classes_of_different_sizes_as_image_folders_give_them():
+    """A split of ClassImages (image folders): classes of 1 image are dropped, the others
+    sampled within the protocol's bounds."""
+    from metalearn.data.common import ClassImages
+
+    counts = [1, 2, 3, 5, 8, 13, 21]
+    rng = np.random.default_rng(0)
+    split = ClassImages(
+        rng.integers(0, 256, (sum(counts), SIZE, SIZE, 1), dtype=np.uint8), np.asarray(counts)
+    )
+    cfg = make_cfg(dataset={"name": "image_folder", "placement": "device", "episodes": "variable", **BOUNDS})
+    source = image_source(cfg.dataset, {"train": split, "validation": split, "test": split})
+    assert "classes with fewer than 2 images dropped: train 1" in source.placement_note
+    data = source.splits["test"]
+    for seed in range(5):
+        task = jax.jit(source.sample)(data, jax.random.PRNGKey(seed))
+        real = np.asarray(task.support_y) >= 0
+        assert np.isnan(np.asarray(task.support_x)[~real]).all()
+        assert np.isfinite(np.asarray(task.support_x)[real]).all()
+        episode = variable_episode_indices(
+            jax.random.PRNGKey(seed), data["offsets"], data["counts"], data["slots"].shape[0], BOUNDS
+        )
+        _check_episode(counts[1:], BOUNDS, *episode)
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [

@@ -240,8 +240,12 @@ class ImageDatasetConfig(EpisodeConfig):
             check_episode_shape(d, *limits)
         check_variable_bounds(d)
         if d.episodes == "variable":
-            k_query = getattr(getattr(cfg, "eval", None), "k_query", None)
+            evaluation = getattr(cfg, "eval", None)
+            k_query = getattr(evaluation, "k_query", None)
             need(k_query is None, "eval.k_query", k_query, "null with dataset.episodes=variable")
+            # The backbone rules (metalearn/adaptation.py) read unmasked support sets.
+            rule = getattr(evaluation, "adaptation", "algorithm")
+            need(rule == "algorithm", "eval.adaptation", rule, "'algorithm' with dataset.episodes=variable")
 
 
 EPISODES = ("fixed", "variable")
