@@ -67,7 +67,8 @@ def _check_episode(counts, bounds, support_index, support_y, query_index, query_
     assert len(set(images.tolist())) == len(images)  # without replacement, support apart from query
 
 
-@settings(max_examples=30, deadline=None)
+# Each distinct number of classes compiles the sampler anew: few examples in the default tier.
+@settings(max_examples=12, deadline=None)
 @given(
     counts=st.lists(st.integers(2, 300), min_size=3, max_size=70),
     min_ways=st.integers(2, 6),
@@ -169,9 +170,9 @@ def _assert_same_to_rounding(a, b) -> None:
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-13)
 
 
-# One algorithm of each kind in the default tier (a differentiated inner loop, a metric one, a
-# prototype-initialised one, full-batch Reptile); every algorithm in the slow tier.
-_DEFAULT_RUN = {"maml", "protonet", "protomaml", "reptile"}
+# One algorithm of each kind in the default tier (a differentiated inner loop, a metric one);
+# every algorithm in the slow tier (each compiles a second-order meta-gradient in float64).
+_DEFAULT_RUN = {"maml", "protonet"}
 
 
 @pytest.mark.parametrize(
@@ -211,7 +212,7 @@ def test_padding_changes_no_loss_meta_gradient_or_accuracy(float64, algo):
 
 
 @pytest.mark.parametrize("mode", ["support", "running", "support_query"])
-@pytest.mark.parametrize("algo", ["maml", "protonet"])
+@pytest.mark.parametrize("algo", ["protonet", pytest.param("maml", marks=pytest.mark.slow)])
 def test_padding_changes_nothing_in_every_batchnorm_mode(float64, algo, mode):
     cfg, exp = _experiment(algo, mode)
     padded, unpadded = _padded_and_unpadded(exp)
