@@ -54,6 +54,13 @@ SHARED_KEYS = (
     "placement",
     "prefetch",
     "train_on_validation",
+    # The episode rule (metalearn/episodes.py): one for all sources, so that every source's
+    # sampler returns the same padded shapes (lax.switch picks among them).
+    "episodes",
+    "min_ways",
+    "max_ways",
+    "max_support",
+    "max_query",
 )
 # Sources whose images have one size only (their schema refuses any other image_size); their
 # images are resized to dataset.image_size after loading.
@@ -252,6 +259,7 @@ def multi_task_source(d: Any):
         first.input_range,
         placement_note=f"{note}; training episodes by source: {shares}",
         parts=parts,
+        padded=first.padded,
     )
 
 

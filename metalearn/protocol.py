@@ -45,8 +45,8 @@ def queries_per_class(cfg: Any, split: str) -> int:
 def protocol_of(cfg: Any) -> dict[str, Any]:
     """``{"split", "split_seed", "rotation", "n_tasks", "queries_per_class", "bn_stats",
     "checkpoint", "top_k", "ranked_by"}`` of the final evaluation (``split_seed``: None where the
-    split does not depend on it)."""
-    return {
+    split does not depend on it); with variable episodes also ``"episodes"``, their bounds."""
+    protocol = {
         "split": split_name(cfg.dataset),
         "split_seed": split_seed_used(cfg.dataset),
         "rotation": rotation_rule(cfg.dataset),
@@ -59,6 +59,12 @@ def protocol_of(cfg: Any) -> dict[str, Any]:
         # eval.adaptation (metalearn/adaptation.py): the test-time adaptation.
         "adaptation": adaptation_of(cfg.eval),
     }
+    if getattr(cfg.dataset, "episodes", "fixed") == "variable":
+        # Meta-Dataset's episodes (metalearn/episodes.py): queries_per_class is their bound.
+        bounds = ("min_ways", "max_ways", "max_support", "max_query")
+        protocol["episodes"] = {key: int(getattr(cfg.dataset, key)) for key in bounds}
+        protocol["queries_per_class"] = protocol["episodes"]["max_query"]
+    return protocol
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
@@ -70,7 +76,14 @@ def describe_protocol(protocol: dict[str, Any]) -> str:
     if seed is not None:
         parts[-1] += f" (seed {seed})"
     parts.append(f"rotation {protocol['rotation']}")
-    parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
+    if "episodes" in protocol:
+        e = protocol["episodes"]
+        parts.append(
+            f"{protocol['n_tasks']} variable episodes ({e['min_ways']}-{e['max_ways']} ways, "
+            f"support <= {e['max_support']}, <= {q} queries per class)"
+        )
+    else:
+        parts.append(f"{protocol['n_tasks']} tasks x {q} quer{'y' if q == 1 else 'ies'} per class")
     if protocol.get("bn_stats") is not None:  # results.json of older runs have no such key
         parts.append(BN_PHRASES.get(protocol["bn_stats"], f"BatchNorm {protocol['bn_stats']}"))
     if "checkpoint" in protocol:  # results.json of older versions lack it

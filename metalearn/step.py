@@ -20,7 +20,7 @@ from metalearn.algos.pretrain import classification_batches
 from metalearn.backbone import check_head_rule, init_head_of, with_head_rule
 from metalearn.batchnorm import bn_stats_of, with_bn_stats
 from metalearn.errors import ConfigError
-from metalearn.models import Model, make_model
+from metalearn.models import Model, make_model, with_padded_rows
 from metalearn.optim import make_optimizer
 from metalearn.tasks import TaskSource, build_task_source
 
@@ -69,6 +69,8 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
     if cfg.algo.name == "pretrain":  # mini-batches of (image, global class), not episodes
         source = classification_batches(source)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
+    if source.padded:  # variable episodes (metalearn/episodes.py)
+        model = with_padded_rows(model)
     mode = bn_stats_of(cfg.model)
     trained = mode if trained_bn_stats is None else trained_bn_stats
     momentum = float(getattr(cfg.model, "bn_momentum", 0.1))

@@ -22,6 +22,7 @@ from metalearn.config import need, schema
 from metalearn.data import IMAGE_DATASETS, load_dataset
 from metalearn.data.common import EpisodeConfig
 from metalearn.data.rotation import rotated_splits
+from metalearn.episodes import masked_loss, masked_metric
 from metalearn.errors import ConfigError
 
 
@@ -57,6 +58,9 @@ class TaskSource:
     # dataset=multi (metalearn/multisource.py): (label, TaskSource) of each source, evaluated
     # one by one; ``splits[split]`` then holds their data in this order. Empty otherwise.
     parts: tuple[tuple[str, TaskSource], ...] = ()
+    # Variable episodes padded to one shape (dataset.episodes=variable, metalearn/episodes.py):
+    # labels -1 mark padded rows, which loss and metric leave out.
+    padded: bool = False
 
     @property
     def placement(self) -> str:
@@ -70,12 +74,16 @@ class TaskSource:
         """Mean loss of a batch of predictions: MSE, or softmax cross-entropy."""
         if self.kind == "regression":
             return jnp.mean(jnp.square(pred - y))
+        if self.padded:
+            return masked_loss(pred, y)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(pred, y))
 
     def metric(self, pred: jax.Array, y: jax.Array) -> jax.Array:
         """MSE for regression, accuracy for classification."""
         if self.kind == "regression":
             return jnp.mean(jnp.square(pred - y))
+        if self.padded:
+            return masked_metric(pred, y)
         return jnp.mean(jnp.argmax(pred, axis=-1) == y)
 
 
@@ -351,6 +359,10 @@ def image_source(cfg: Any, arrays: dict[str, Any], placement: str | None = None)
     if getattr(cfg, "train_on_validation", False) and "validation" in arrays:
         joined = joined_classes(arrays["train"], arrays["validation"])
         arrays = {**{k: v for k, v in arrays.items() if k != "validation"}, "train": joined}
+    if getattr(cfg, "episodes", "fixed") == "variable":
+        from metalearn.episodes_source import variable_image_source
+
+        return variable_image_source(cfg, arrays, placement)
     n_way, k_shot, k_query = cfg.n_way, cfg.k_shot, cfg.k_query
     k_query_test = getattr(cfg, "k_query_test", None)
     rotation_sampling = getattr(cfg, "rotation_sampling", "classes")

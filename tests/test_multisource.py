@@ -23,6 +23,7 @@ from metalearn.evaluation import evaluate_params, final_results, format_final
 from metalearn.multisource import SHARED_KEYS, combine_summaries, source_choice
 from metalearn.step import init_state, setup
 from metalearn.tasks import build_task_source
+from metalearn.train import train
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -291,3 +292,30 @@ def test_report_pools_each_source_over_seeds(tmp_path):
         (row,) = list(csv.DictReader(f))
     assert set(json.loads(row["per_source"])) == {"a", "b"}
     assert float(row["mean"]) == pytest.approx((0.6 + 0.8 + 0.7 + 0.9) / 4)
+
+
+@pytest.mark.slow
+def test_variable_episodes_from_several_sources(folders, tmp_path):
+    """dataset.episodes=variable on a multi run: every source samples Meta-Dataset episodes of
+    the one padded shape, each episode from one source; padded rows (label -1) hold no image
+    of any source; the run trains and reports each source."""
+    sources = [folder_source(folders[0]), folder_source(folders[1], label="second")]
+    cfg = multi_cfg(
+        sources, tmp_path, episodes="variable", min_ways=2, max_ways=4, max_support=12, max_query=2
+    )
+    validate(cfg)
+    source = build_task_source(cfg.dataset)
+    assert source.padded and all(part.padded for _, part in source.parts)
+    keys = jax.random.split(jax.random.PRNGKey(3), 40)
+    tasks = jax.jit(jax.vmap(source.sample, in_axes=(None, 0)))(source.splits["train"], keys)
+    assert tasks.support_x.shape[1] == 12 and tasks.query_x.shape[1] == 4 * 2
+    for i in range(40):
+        real = np.concatenate(
+            [np.asarray(tasks.support_x[i])[np.asarray(tasks.support_y[i]) >= 0],
+             np.asarray(tasks.query_x[i])[np.asarray(tasks.query_y[i]) >= 0]]
+        )  # fmt: skip
+        sources_seen, _ = source_and_classes(real)
+        assert len(sources_seen) == 1, (i, sources_seen)
+        assert 2 <= int(np.asarray(tasks.support_y[i]).max()) + 1 <= 4
+    results = train(cfg, tmp_path / "run")
+    assert set(results["test"]["sources"]) == {"image_folder", "second"}

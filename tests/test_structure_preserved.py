@@ -61,6 +61,13 @@ ADDED: dict[str, object] = {
     "eval.adaptation_steps": 100,
     "eval.adaptation_lr": 0.01,
     "eval.probe_l2": 1.0,
+    # Variable-way, variable-shot episodes (metalearn/episodes.py): off, fixed episodes as
+    # before; the bounds are read only with dataset.episodes=variable.
+    "dataset.episodes": "fixed",
+    "dataset.min_ways": 5,
+    "dataset.max_ways": 50,
+    "dataset.max_support": 500,
+    "dataset.max_query": 10,
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)

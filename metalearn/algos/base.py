@@ -69,6 +69,24 @@ class LossReductionsConfig:
     def check(cls, a: Any, cfg: Any) -> None:
         one_of(a.inner_loss, "algo.inner_loss", LOSS_REDUCTIONS)
         one_of(a.outer_loss, "algo.outer_loss", LOSS_REDUCTIONS)
+        if variable_episodes(cfg):  # K shots per class: undefined in a variable-shot episode
+            need(
+                a.inner_loss == "mean",
+                "algo.inner_loss",
+                a.inner_loss,
+                "'mean' with dataset.episodes=variable",
+            )
+            need(
+                a.outer_loss == "mean",
+                "algo.outer_loss",
+                a.outer_loss,
+                "'mean' with dataset.episodes=variable",
+            )
+
+
+def variable_episodes(cfg: Any) -> bool:
+    """Whether the composed config samples variable (padded) episodes (metalearn/episodes.py)."""
+    return getattr(cfg.dataset, "episodes", "fixed") == "variable"
 
 
 class Problem(NamedTuple):

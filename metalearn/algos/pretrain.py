@@ -66,6 +66,13 @@ class PretrainConfig(ChoiceConfig):
         need(cfg.dataset.name != "sinusoid", "algo.name", "pretrain", "used with an image dataset")
         placement = cfg.dataset.get("placement", "device")
         need(placement != "host", "dataset.placement", placement, "device or auto for algo=pretrain")
+        episodes = cfg.dataset.get("episodes", "fixed")
+        need(
+            episodes == "fixed",
+            "dataset.episodes",
+            episodes,
+            "fixed for algo=pretrain (it trains on class batches)",
+        )
 
 
 def n_classes_of(train_data: Any) -> int:

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem
+from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem, variable_episodes
 from metalearn.config import need, one_of, schema
 from metalearn.tasks import Task
 
@@ -111,6 +111,34 @@ class ReptileConfig(InnerLoopConfig):
         need(test_batch is None or test_batch >= 0, "algo.inner_batch_size_test", test_batch, ">= 0 or null")
         one_of(a.inner_state, "algo.inner_state", ("carry", "reset"))
         one_of(a.inner_loss, "algo.inner_loss", ("mean", "sum"))
+        if variable_episodes(cfg):
+            # A padded episode (metalearn/episodes.py): mini-batches drawn from its padded rows
+            # would hold a varying number of real examples, and train_shots needs K shots per
+            # class; full-batch steps on the masked mean are the faithful reading.
+            need(
+                a.inner_batch_size == 0,
+                "algo.inner_batch_size",
+                a.inner_batch_size,
+                "0 with dataset.episodes=variable",
+            )
+            need(
+                test_batch in (None, 0),
+                "algo.inner_batch_size_test",
+                test_batch,
+                "0 or null with dataset.episodes=variable",
+            )
+            need(
+                a.train_shots is None,
+                "algo.train_shots",
+                a.train_shots,
+                "null with dataset.episodes=variable",
+            )
+            need(
+                a.inner_loss == "mean",
+                "algo.inner_loss",
+                a.inner_loss,
+                "'mean' with dataset.episodes=variable",
+            )
         if a.train_shots is not None:
             per_class = cfg.dataset.k_shot + cfg.dataset.k_query
             need(

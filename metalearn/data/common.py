@@ -187,6 +187,23 @@ class EpisodeConfig(ChoiceConfig):
 PLACEMENTS = ("auto", "device", "host")
 
 
+EPISODES = ("fixed", "variable")
+
+
+def check_variable_bounds(d: Any) -> None:
+    """dataset.episodes and the bounds of variable episodes (read only when variable)."""
+    one_of(d.episodes, "dataset.episodes", EPISODES)
+    need(d.min_ways >= 2, "dataset.min_ways", d.min_ways, ">= 2")
+    need(d.max_ways >= d.min_ways, "dataset.max_ways", d.max_ways, f">= dataset.min_ways ({d.min_ways})")
+    need(
+        d.max_support >= d.max_ways,
+        "dataset.max_support",
+        d.max_support,
+        f">= dataset.max_ways ({d.max_ways}): every way has at least one shot",
+    )
+    need(d.max_query >= 1, "dataset.max_query", d.max_query, ">= 1")
+
+
 @dataclass
 class ImageDatasetConfig(EpisodeConfig):
     """Keys of every image dataset. n_way_train: ways of the meta-training episodes when they
@@ -199,7 +216,10 @@ class ImageDatasetConfig(EpisodeConfig):
     prefetch batches ahead) or "auto" (device when the data fits); train_on_validation: the
     training episodes draw from the training and the validation classes together (ProtoNet's
     retraining on train+validation, jakesnell/prototypical-networks
-    scripts/train/few_shot/trainval.py; there is no validation then)."""
+    scripts/train/few_shot/trainval.py; there is no validation then). episodes: "fixed"
+    (n_way-way k_shot-shot episodes) or "variable" (Meta-Dataset's variable-way,
+    variable-shot episodes, padded to min_ways..max_ways ways, at most max_support support
+    examples and max_query queries per class; docs/episodes.md, metalearn/episodes.py)."""
 
     n_way: int = 5
     k_shot: int = 1
@@ -211,6 +231,11 @@ class ImageDatasetConfig(EpisodeConfig):
     placement: str = "auto"
     prefetch: int = 2
     train_on_validation: bool = False
+    episodes: str = "fixed"
+    min_ways: int = 5
+    max_ways: int = 50
+    max_support: int = 500
+    max_query: int = 10
 
     @classmethod
     def check(cls, d: Any, cfg: Any) -> None:
@@ -230,6 +255,14 @@ class ImageDatasetConfig(EpisodeConfig):
         limits = cls.episode_limits(d)
         if limits is not None:
             check_episode_shape(d, *limits)
+        check_variable_bounds(d)
+        if d.episodes == "variable":
+            evaluation = getattr(cfg, "eval", None)
+            k_query = getattr(evaluation, "k_query", None)
+            need(k_query is None, "eval.k_query", k_query, "null with dataset.episodes=variable")
+            # The backbone rules (metalearn/adaptation.py) read unmasked support sets.
+            rule = getattr(evaluation, "adaptation", "algorithm")
+            need(rule == "algorithm", "eval.adaptation", rule, "'algorithm' with dataset.episodes=variable")
 
     @classmethod
     def episode_limits(cls, d: Any) -> tuple[int, int, str] | None:

@@ -282,6 +282,15 @@ def with_outputs(model: Model, out: int) -> Model:
     )
 
 
+def with_padded_rows(model: Model) -> Model:
+    """``model`` for inputs with padded rows (variable episodes, metalearn/episodes.py): a
+    row that is all NaN is replaced by zeros and left out of every BatchNorm's batch moments,
+    so it changes no real row's output. Same parameters as ``model``."""
+    return _wrap(
+        model.module.clone(padded_rows=True), model.input_shape, model.context_size, model.moments, model.sink
+    )
+
+
 def normalising_with(model: Model, moments: Any) -> Model:
     """``model`` whose BatchNorm layers normalise with ``moments`` (per layer ``{"mean",
     "var"}``, each (F,), shaped like a :func:`recording`'s record) instead of the batch's."""
@@ -340,6 +349,7 @@ __all__ = [
     "make_model",
     "normalising_with",
     "recording",
+    "with_padded_rows",
     "with_context",
     "with_outputs",
 ]

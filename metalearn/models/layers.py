@@ -247,7 +247,9 @@ class BatchStatNorm(nn.Module):
     use_scale: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+        if rows is not None:
+            return self.masked(x, rows)
         low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
         if low_precision is not None:
             x = x.astype(jnp.float32)
@@ -271,6 +273,46 @@ class BatchStatNorm(nn.Module):
             self.put_variable(RECORDED_MOMENTS, "var", jnp.mean(jnp.square(x - mean), axis=axes))
             self.put_variable(RECORDED_MOMENTS, "count", jnp.asarray(x.size // x.shape[-1], x.dtype))
         return y if low_precision is None else y.astype(low_precision)
+
+    def masked(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """The layer on a batch with padded rows (variable episodes, metalearn/episodes.py):
+        rows (B,) bool marks the real ones, and the batch moments are those of the real rows
+        only (mean, biased variance; count = real rows x positions), so padding changes no
+        real row's output. Plain jax (autodiff), not the hand-written gradient."""
+        low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
+        if low_precision is not None:
+            x = x.astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        if self.use_scale:
+            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        else:
+            scale = jnp.ones((x.shape[-1],), bias.dtype)
+        x, scale = _promote(x, scale)
+        bias = bias.astype(scale.dtype)
+        axes = tuple(range(x.ndim - 1))
+        weight = rows.astype(x.dtype).reshape(rows.shape + (1,) * (x.ndim - 1))
+        # At least one element: a batch of padding alone stays finite.
+        count = jnp.maximum(jnp.sum(weight) * (x.size // (x.shape[0] * x.shape[-1])), 1)
+        batch_mean = jnp.sum(x * weight, axis=axes) / count
+        batch_var = jnp.sum(jnp.square(x - batch_mean) * weight, axis=axes) / count
+        if self.has_variable(GIVEN_MOMENTS, "mean"):
+            mean = self.get_variable(GIVEN_MOMENTS, "mean").astype(x.dtype)
+            var = self.get_variable(GIVEN_MOMENTS, "var").astype(x.dtype)
+        else:
+            mean, var = batch_mean, batch_var
+        y = (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        if self.is_mutable_collection(RECORDED_MOMENTS):
+            self.put_variable(RECORDED_MOMENTS, "mean", batch_mean)
+            self.put_variable(RECORDED_MOMENTS, "var", batch_var)
+            self.put_variable(RECORDED_MOMENTS, "count", count.astype(x.dtype))
+        return y if low_precision is None else y.astype(low_precision)
+
+
+def padding_to_zeros(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x with its padded rows, all NaN, replaced by zeros; rows (B,) bool, the real ones):
+    the first step of a model built with ``padded_rows`` (metalearn/episodes.py)."""
+    rows = ~jnp.isnan(x.reshape(x.shape[0], -1)[:, 0])
+    return jnp.where(rows.reshape(rows.shape + (1,) * (x.ndim - 1)), x, 0), rows
 
 
 def context_or_zeros(context: jax.Array | None, size: int, dtype: Any) -> jax.Array:

@@ -18,6 +18,7 @@ from metalearn.models.layers import (
     context_or_zeros,
     head_float_dtype,
     max_pool,
+    padding_to_zeros,
 )
 
 Params = Any
@@ -35,9 +36,13 @@ class MLP(nn.Module):
     context_size: int = 0
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
+    # Inputs may hold padded rows (all NaN; variable episodes, metalearn/episodes.py).
+    padded_rows: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        if self.padded_rows:
+            x, _ = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
         if self.context_size:
             context = cast_to(context_or_zeros(context, self.context_size, x.dtype), self.dtype)
@@ -90,16 +95,22 @@ class Conv4(nn.Module):
     bn_epsilon: float = 1e-5
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
+    # Inputs may hold padded rows (all NaN): zeroed, and BatchNorm's moments over the real
+    # rows only (variable episodes, metalearn/episodes.py).
+    padded_rows: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         stride = 2 if self.downsample == "stride" else 1
+        rows = None
+        if self.padded_rows:
+            x, rows = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
         if self.context_size:
             context = cast_to(context_or_zeros(context, self.context_size, x.dtype), self.dtype)
         for i in range(self.blocks):
             x = Conv3x3(self.filters, stride, self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
-            x = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{i}")(x)
+            x = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{i}")(x, rows)
             film = self.context_size and i == self.film_block
             if film and self.film_position == "pre_pool":
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
@@ -132,15 +143,15 @@ class ResBlock(nn.Module):
     bn_epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         h = x
         for j in range(3):
             conv = Conv3x3(self.features, 1, self.conv_impl, False, self.dtype, name=f"conv_{j}")
-            h = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{j}")(conv(h))
+            h = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{j}")(conv(h), rows)
             if j < 2:
                 h = nn.leaky_relu(h, self.negative_slope)
         shortcut = Conv1x1(self.features, self.conv_impl, dtype=self.dtype, name="shortcut_conv")(x)
-        return h + BatchStatNorm(self.bn_epsilon, self.bn_scale, name="shortcut_norm")(shortcut)
+        return h + BatchStatNorm(self.bn_epsilon, self.bn_scale, name="shortcut_norm")(shortcut, rows)
 
 
 class ResNet12(nn.Module):
@@ -172,9 +183,14 @@ class ResNet12(nn.Module):
     dtype: Any = None
     bn_scale: bool = True
     bn_epsilon: float = 1e-5
+    # As Conv4's.
+    padded_rows: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        rows = None
+        if self.padded_rows:
+            x, rows = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
         if self.context_size:
             context = cast_to(context_or_zeros(context, self.context_size, x.dtype), self.dtype)
@@ -188,7 +204,7 @@ class ResNet12(nn.Module):
                 self.bn_epsilon,
                 name=f"stage_{i}",
             )
-            x = block(x)
+            x = block(x, rows)
             if self.context_size and i == self.film_stage:
                 x = FiLM(dtype=self.dtype, name="film")(x, context)
             x = nn.leaky_relu(x, self.negative_slope)
