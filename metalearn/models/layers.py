@@ -250,16 +250,7 @@ class BatchStatNorm(nn.Module):
     def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         if rows is not None:
             return self.masked(x, rows)
-        low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
-        if low_precision is not None:
-            x = x.astype(jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        if self.use_scale:
-            scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        else:  # a constant 1: not a parameter, so neither adapted nor meta-learned
-            scale = jnp.ones((x.shape[-1],), bias.dtype)
-        x, scale = _promote(x, scale)
-        bias = bias.astype(scale.dtype)
+        x, scale, bias, low_precision = self._affine(x)
         if self.has_variable(GIVEN_MOMENTS, "mean"):
             mean = self.get_variable(GIVEN_MOMENTS, "mean").astype(x.dtype)
             var = self.get_variable(GIVEN_MOMENTS, "var").astype(x.dtype)
@@ -274,21 +265,26 @@ class BatchStatNorm(nn.Module):
             self.put_variable(RECORDED_MOMENTS, "count", jnp.asarray(x.size // x.shape[-1], x.dtype))
         return y if low_precision is None else y.astype(low_precision)
 
-    def masked(self, x: jax.Array, rows: jax.Array) -> jax.Array:
-        """The layer on a batch with padded rows (variable episodes, metalearn/episodes.py):
-        rows (B,) bool marks the real ones, and the batch moments are those of the real rows
-        only (mean, biased variance; count = real rows x positions), so padding changes no
-        real row's output. Plain jax (autodiff), not the hand-written gradient."""
+    def _affine(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+        """(x, scale, bias in their common dtype, x's low-precision dtype or None): a
+        low-precision input is normalised in float32 and cast back by the caller."""
         low_precision = x.dtype if jnp.finfo(x.dtype).bits < 32 else None
         if low_precision is not None:
             x = x.astype(jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
         if self.use_scale:
             scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        else:
+        else:  # a constant 1: not a parameter, so neither adapted nor meta-learned
             scale = jnp.ones((x.shape[-1],), bias.dtype)
         x, scale = _promote(x, scale)
-        bias = bias.astype(scale.dtype)
+        return x, scale, bias.astype(scale.dtype), low_precision
+
+    def masked(self, x: jax.Array, rows: jax.Array) -> jax.Array:
+        """The layer on a batch with padded rows (variable episodes, metalearn/episodes.py):
+        rows (B,) bool marks the real ones, and the batch moments are those of the real rows
+        only (mean, biased variance; count = real rows x positions), so padding changes no
+        real row's output. Plain jax (autodiff), not the hand-written gradient."""
+        x, scale, bias, low_precision = self._affine(x)
         axes = tuple(range(x.ndim - 1))
         weight = rows.astype(x.dtype).reshape(rows.shape + (1,) * (x.ndim - 1))
         # At least one element: a batch of padding alone stays finite.
