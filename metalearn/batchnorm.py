@@ -43,7 +43,8 @@ from jax import lax
 
 from metalearn.algos import MetaLearner, Problem, make_algorithm
 from metalearn.errors import ConfigError
-from metalearn.models import Model, normalising_with, recording
+from metalearn.models import Model, normalising_with, recording, without_row_chunks
+from metalearn.rows import real_rows_first, with_real_rows_first
 from metalearn.tasks import Task
 
 PyTree = Any
@@ -118,6 +119,7 @@ def with_bn_stats(
     running averages is the algorithm itself, unchanged.
     """
     model = problem.model
+    padded = problem.source.padded
 
     def build(m: Model) -> MetaLearner:
         return make_algorithm(algo_cfg, Problem(m, problem.source))
@@ -143,7 +145,10 @@ def with_bn_stats(
         examples as one batch."""
         adapted = plain.adapt(meta, inner, task.support_x, task.support_y, key, 0)
         sink: list = []
-        build(recording(model, sink)).predict(meta, adapted, jnp.concatenate([task.support_x, task.query_x]))
+        batch = jnp.concatenate([task.support_x, task.query_x])
+        if padded:  # real rows first, as row chunks need (metalearn/rows.py)
+            batch = batch[real_rows_first(batch)]
+        build(recording(model, sink)).predict(meta, adapted, batch)
         return sink[-1]
 
     def meta_grad(meta: PyTree, algo_state: PyTree, tasks: Task, key: jax.Array, step: jax.Array):
@@ -178,9 +183,17 @@ def with_bn_stats(
             return plain.predict(meta, adapted, x)
         if mode == "support_query":
             adapted, sx = adapted
-            return per_query(lambda q: plain.predict(meta, adapted, jnp.concatenate([sx, q]))[-1:], x)
+
+            def with_support(q: jax.Array) -> jax.Array:
+                batch = jnp.concatenate([sx, q])
+                if padded:  # real rows first, as row chunks need (metalearn/rows.py)
+                    return with_real_rows_first(lambda b: plain.predict(meta, adapted, b), batch)[-1:]
+                return plain.predict(meta, adapted, batch)[-1:]
+
+            return per_query(with_support, x)
         adapted, moments = adapted
-        fixed = build(normalising_with(model, moments))
+        one_row = without_row_chunks(model) if padded else model
+        fixed = build(normalising_with(one_row, moments))
         return per_query(lambda q: fixed.predict(meta, adapted, q), x)
 
     return MetaLearner(

@@ -35,6 +35,10 @@ labels: the episode's ways are the labels 0..W-1, W = 1 + the largest real label
 way has at least one support and one query example), and logits of the ways W..max_ways-1
 are masked out of the softmax and the argmax. Models with a linear head therefore have
 max_ways outputs, as Meta-Dataset's learners (``MAX_WAY = 50`` in its learner.py).
+
+Masking alone makes padding change no number mathematically; that it changes no bit is the
+row chunks' work (metalearn/rows.py): models, losses and prototypes of a padded episode are
+computed ``ROW_CHUNK`` rows at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from metalearn.rows import ROW_CHUNK, sum_rows
 
 # Meta-Dataset's constants (sampling.py's EpisodeDescriptionConfig defaults, the paper's).
 MIN_WAYS = 5
@@ -152,10 +158,18 @@ def masked_logits(pred: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def masked_loss(pred: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the real rows (y != -1), absent ways masked."""
-    real = y != PAD_LABEL
-    ce = optax.softmax_cross_entropy_with_integer_labels(masked_logits(pred, y), jnp.maximum(y, 0))
-    return jnp.sum(jnp.where(real, ce, 0.0)) / jnp.maximum(jnp.sum(real), 1).astype(ce.dtype)
+    """Mean softmax cross-entropy over the real rows (y != -1), absent ways masked; computed
+    ``ROW_CHUNK`` rows at a time (metalearn/rows.py), so padding changes no bit of it."""
+    ways = way_mask_of(y, pred.shape[-1])
+    real = (y != PAD_LABEL).astype(pred.dtype)
+
+    def chunk_sum(chunk: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        logits, labels, weight = chunk
+        masked = jnp.where(ways[None, :], logits, -jnp.inf)
+        ce = optax.softmax_cross_entropy_with_integer_labels(masked, jnp.maximum(labels, 0))
+        return jnp.sum(jnp.where(weight > 0, ce, 0.0))
+
+    return sum_rows(chunk_sum, (pred, y, real), ROW_CHUNK) / jnp.maximum(jnp.sum(real), 1)
 
 
 def masked_metric(pred: jax.Array, y: jax.Array) -> jax.Array:

@@ -45,6 +45,7 @@ from metalearn.algos.base import (
 )
 from metalearn.algos.protonet import MASKED_LOGIT, embed, embedding_params, prototypes
 from metalearn.config import schema
+from metalearn.rows import ROW_CHUNK, map_rows
 from metalearn.tasks import Task
 
 
@@ -65,14 +66,16 @@ def proto_head(centers: jax.Array, present: jax.Array) -> dict[str, jax.Array]:
 def make_protomaml(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: a ProtoMAMLConfig."""
     model, source = problem.model, problem.source
+    # A padded episode (metalearn/episodes.py): max_ways prototypes, in chunks of rows.
+    ways, chunk = (source.output_dim, ROW_CHUNK) if source.padded else (None, 0)
 
     def logits(adapted: tuple[Any, dict[str, jax.Array]], x: jax.Array) -> jax.Array:
         params, head = adapted
-        return embed(model, params, x) @ head["kernel"] + head["bias"]
+        return map_rows(lambda z: z @ head["kernel"] + head["bias"], embed(model, params, x), chunk)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key
-        head = proto_head(*prototypes(embed(model, params, support_x), support_y))
+        head = proto_head(*prototypes(embed(model, params, support_x), support_y, ways, chunk))
         return inner_sgd(
             lambda a: source.loss(logits(a, support_x), support_y),
             (params, head),

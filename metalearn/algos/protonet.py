@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, stateless_learner
 from metalearn.config import ChoiceConfig, schema
 from metalearn.models import Model
+from metalearn.rows import ROW_CHUNK, map_rows, sum_rows, with_real_rows_first
 from metalearn.tasks import Task
 
 
@@ -95,38 +96,51 @@ class Prototypes(NamedTuple):
     present: jax.Array
 
 
-def prototypes(z: jax.Array, y: jax.Array) -> Prototypes:
-    """Class means of support embeddings z (Ns, D) with integer labels y (Ns,) in [0, Ns)."""
-    onehot = jax.nn.one_hot(y, z.shape[0], dtype=z.dtype)  # (Ns, Ns): example x label
+def prototypes(z: jax.Array, y: jax.Array, ways: int | None = None, chunk: int = 0) -> Prototypes:
+    """Class means of support embeddings z (Ns, D) with integer labels y (Ns,) in [0, ways)
+    (-1: a padded row, in no class); ``ways`` None: Ns. ``chunk`` > 0: summed over chunks
+    of rows (a padded episode, metalearn/rows.py)."""
+    onehot = jax.nn.one_hot(y, z.shape[0] if ways is None else ways, dtype=z.dtype)  # example x label
     counts = onehot.sum(axis=0)
-    centers = (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None]
+    sums = sum_rows(lambda rows: rows[0].T @ rows[1], (onehot, z), chunk)
+    centers = sums / jnp.maximum(counts, 1.0)[:, None]
     return Prototypes(centers, counts > 0)
 
 
-def distance_logits(z: jax.Array, protos: Prototypes) -> jax.Array:
-    """-||z_i - c_k||^2 for queries z (Nq, D): (Nq, Ns), absent labels masked."""
-    d2 = jnp.sum(jnp.square(z[:, None, :] - protos.centers[None, :, :]), axis=-1)
-    return jnp.where(protos.present[None, :], -d2, MASKED_LOGIT)
+def distance_logits(z: jax.Array, protos: Prototypes, chunk: int = 0) -> jax.Array:
+    """-||z_i - c_k||^2 for queries z (Nq, D): (Nq, ways), absent labels masked."""
+
+    def logits(rows: jax.Array) -> jax.Array:
+        d2 = jnp.sum(jnp.square(rows[:, None, :] - protos.centers[None, :, :]), axis=-1)
+        return jnp.where(protos.present[None, :], -d2, MASKED_LOGIT)
+
+    return map_rows(logits, z, chunk)
 
 
 def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: a ProtoNetConfig."""
     joint_bn = bool(getattr(cfg, "joint_bn", False))
     model, source = problem.model, problem.source
+    # A padded episode (metalearn/episodes.py): max_ways prototypes, in chunks of rows.
+    ways, chunk = (source.output_dim, ROW_CHUNK) if source.padded else (None, 0)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key, steps
-        return prototypes(embed(model, params, support_x), support_y)
+        return prototypes(embed(model, params, support_x), support_y, ways, chunk)
 
     def predict(params: Any, protos: Prototypes, x: jax.Array) -> jax.Array:
-        return distance_logits(embed(model, params, x), protos)
+        return distance_logits(embed(model, params, x), protos, chunk)
 
     def episode_logits(params: Any, task: Task, key: jax.Array) -> jax.Array:
         if not joint_bn:
             return predict(params, adapt(params, task.support_x, task.support_y, key, 0), task.query_x)
-        z = embed(model, params, jnp.concatenate([task.support_x, task.query_x]))
+        batch = jnp.concatenate([task.support_x, task.query_x])
+        if chunk:  # real rows first, as row chunks need (metalearn/rows.py)
+            z = with_real_rows_first(lambda b: embed(model, params, b), batch)
+        else:
+            z = embed(model, params, batch)
         n_support = task.support_x.shape[0]
-        return distance_logits(z[n_support:], prototypes(z[:n_support], task.support_y))
+        return distance_logits(z[n_support:], prototypes(z[:n_support], task.support_y, ways, chunk), chunk)
 
     def task_loss(params: Any, task: Task, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = episode_logits(params, task, key)

@@ -78,6 +78,7 @@ from jax import lax
 
 from metalearn.algos.base import InnerLoopConfig, MetaLearner, Problem, variable_episodes
 from metalearn.config import need, one_of, schema
+from metalearn.rows import real_rows_first
 from metalearn.tasks import Task
 
 
@@ -270,6 +271,9 @@ def make_reptile(cfg: Any, problem: Problem) -> MetaLearner:
         if cfg.train_on_query:
             x = jnp.concatenate([x, task.query_x])
             y = jnp.concatenate([y, task.query_y])
+            if source.padded:  # real rows first, as row chunks need (metalearn/rows.py)
+                order = real_rows_first(x)
+                x, y = x[order], y[order]
         return x, y, task.query_x, task.query_y
 
     def task_update(params: PyTree, opt_state: Any, task: Task, key: jax.Array) -> tuple[Any, ...]:

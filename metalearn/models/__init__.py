@@ -291,6 +291,15 @@ def with_padded_rows(model: Model) -> Model:
     )
 
 
+def without_row_chunks(model: Model) -> Model:
+    """``model`` (with padded rows) computing its whole batch at once: for batches of one
+    row (a query classified on its own, metalearn/batchnorm.py), one shape in any episode,
+    where chunks (metalearn/rows.py) would only add 2 x ROW_CHUNK - 1 rows of zeros."""
+    return _wrap(
+        model.module.clone(row_chunk=0), model.input_shape, model.context_size, model.moments, model.sink
+    )
+
+
 def normalising_with(model: Model, moments: Any) -> Model:
     """``model`` whose BatchNorm layers normalise with ``moments`` (per layer ``{"mean",
     "var"}``, each (F,), shaped like a :func:`recording`'s record) instead of the batch's."""
@@ -350,6 +359,7 @@ __all__ = [
     "normalising_with",
     "recording",
     "with_padded_rows",
+    "without_row_chunks",
     "with_context",
     "with_outputs",
 ]

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from metalearn.rows import map_rows, sum_rows
+
 Params = Any
 
 
@@ -143,15 +145,20 @@ class Conv3x3(nn.Module):
     impl: str = "im2col"
     use_bias: bool = True
     dtype: Any = None
+    # Examples per chunk (metalearn/rows.py; 0: the whole batch at once).
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.glorot_uniform(), (3, 3, x.shape[-1], self.features))
         conv = conv3x3_im2col if self.impl == "im2col" else conv3x3_xla
-        y = conv(cast_to(x, self.dtype), cast_to(kernel, self.dtype), self.stride)
-        if self.use_bias:
-            y = y + cast_to(self.param("bias", nn.initializers.zeros, (self.features,)), self.dtype)
-        return y
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+
+        def layer(rows: jax.Array) -> jax.Array:
+            y = conv(cast_to(rows, self.dtype), cast_to(kernel, self.dtype), self.stride)
+            return y if bias is None else y + cast_to(bias, self.dtype)
+
+        return map_rows(layer, x, self.row_chunk)
 
 
 class Conv1x1(nn.Module):
@@ -164,10 +171,15 @@ class Conv1x1(nn.Module):
     features: int
     impl: str = "im2col"
     dtype: Any = None
+    # Examples per chunk (metalearn/rows.py; 0: the whole batch at once).
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.glorot_uniform(), (1, 1, x.shape[-1], self.features))
+        return map_rows(lambda rows: self._apply(rows, kernel), x, self.row_chunk)
+
+    def _apply(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         x, kernel = cast_to(x, self.dtype), cast_to(kernel, self.dtype)
         if self.impl == "im2col":
             return x @ kernel.reshape(kernel.shape[-2:])
@@ -245,6 +257,8 @@ class BatchStatNorm(nn.Module):
     epsilon: float = 1e-5
     # False: offset only (cbfinn/maml's tf.contrib.layers.batch_norm has scale=False).
     use_scale: bool = True
+    # Examples per chunk of the masked path (metalearn/rows.py; 0: the whole batch at once).
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
@@ -286,17 +300,28 @@ class BatchStatNorm(nn.Module):
         real row's output. Plain jax (autodiff), not the hand-written gradient."""
         x, scale, bias, low_precision = self._affine(x)
         axes = tuple(range(x.ndim - 1))
-        weight = rows.astype(x.dtype).reshape(rows.shape + (1,) * (x.ndim - 1))
+        weight = rows.astype(x.dtype)
         # At least one element: a batch of padding alone stays finite.
         count = jnp.maximum(jnp.sum(weight) * (x.size // (x.shape[0] * x.shape[-1])), 1)
-        batch_mean = jnp.sum(x * weight, axis=axes) / count
-        batch_var = jnp.sum(jnp.square(x - batch_mean) * weight, axis=axes) / count
+
+        def real_rows_sum(f: Any) -> jax.Array:
+            """The sum over the real rows and positions of f(x), per feature."""
+
+            def chunk_sum(chunk: tuple[jax.Array, jax.Array]) -> jax.Array:
+                v, w = chunk
+                return jnp.sum(f(v) * w.reshape(w.shape + (1,) * (v.ndim - 1)), axis=axes)
+
+            return sum_rows(chunk_sum, (x, weight), self.row_chunk)
+
+        batch_mean = real_rows_sum(lambda v: v) / count
+        batch_var = real_rows_sum(lambda v: jnp.square(v - batch_mean)) / count
         if self.has_variable(GIVEN_MOMENTS, "mean"):
             mean = self.get_variable(GIVEN_MOMENTS, "mean").astype(x.dtype)
             var = self.get_variable(GIVEN_MOMENTS, "var").astype(x.dtype)
         else:
             mean, var = batch_mean, batch_var
-        y = (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
+        rstd = lax.rsqrt(var + self.epsilon)
+        y = map_rows(lambda v: (v - mean) * rstd * scale + bias, x, self.row_chunk)
         if self.is_mutable_collection(RECORDED_MOMENTS):
             self.put_variable(RECORDED_MOMENTS, "mean", batch_mean)
             self.put_variable(RECORDED_MOMENTS, "var", batch_var)
@@ -330,10 +355,42 @@ class FiLM(nn.Module):
     """
 
     dtype: Any = None
+    # Examples per chunk (metalearn/rows.py; 0: the whole batch at once).
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         features = x.shape[-1]
         film = nn.Dense(2 * features, dtype=self.dtype, name="dense")(context)
         gamma, beta = 1.0 + film[:features], film[features:]
-        return gamma * x + beta
+        return map_rows(lambda rows: gamma * rows + beta, x, self.row_chunk)
+
+
+class RowDense(nn.Module):
+    """A linear layer over chunks of rows (metalearn/rows.py): ``flax.linen.Dense``'s
+    parameters (``kernel`` (in, features), ``bias`` (features,), float32, the same
+    initialisers and names) and result, x (B, in) -> (B, features), computed ``row_chunk``
+    rows at a time. :func:`dense` picks it only when ``row_chunk`` > 0."""
+
+    features: int
+    row_chunk: int
+    dtype: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return map_rows(lambda rows: rows @ kernel + bias, x, self.row_chunk)
+
+
+def dense(
+    features: int, name: str, row_chunk: int = 0, dtype: Any = None, kernel_init: Any = None
+) -> nn.Module:
+    """``flax.linen.Dense``, or :class:`RowDense` (the same layer over row chunks) when
+    ``row_chunk`` > 0."""
+    init = {} if kernel_init is None else {"kernel_init": kernel_init}
+    if row_chunk:
+        return RowDense(features, row_chunk, dtype=dtype, name=name, **init)
+    return nn.Dense(features, dtype=dtype, name=name, **init)

@@ -16,10 +16,12 @@ from metalearn.models.layers import (
     FiLM,
     cast_to,
     context_or_zeros,
+    dense,
     head_float_dtype,
     max_pool,
     padding_to_zeros,
 )
+from metalearn.rows import ROW_CHUNK, map_rows
 
 Params = Any
 
@@ -36,20 +38,29 @@ class MLP(nn.Module):
     context_size: int = 0
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
-    # Inputs may hold padded rows (all NaN; variable episodes, metalearn/episodes.py).
+    # Inputs may hold padded rows (all NaN; variable episodes, metalearn/episodes.py), then
+    # computed in chunks of ``row_chunk`` rows (metalearn/rows.py).
     padded_rows: bool = False
+    row_chunk: int = ROW_CHUNK
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        chunk = self.row_chunk if self.padded_rows else 0
         if self.padded_rows:
             x, _ = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
         if self.context_size:
             context = cast_to(context_or_zeros(context, self.context_size, x.dtype), self.dtype)
-            x = jnp.concatenate([x, jnp.broadcast_to(context, x.shape[:-1] + context.shape)], axis=-1)
+            x = map_rows(
+                lambda rows: jnp.concatenate(
+                    [rows, jnp.broadcast_to(context, rows.shape[:-1] + context.shape)], axis=-1
+                ),
+                x,
+                chunk,
+            )
         for i, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
-        return nn.Dense(self.out, dtype=head_float_dtype(self.dtype), name="head")(x)
+            x = nn.relu(dense(width, f"dense_{i}", chunk, self.dtype)(x))
+        return dense(self.out, "head", chunk, head_float_dtype(self.dtype))(x)
 
 
 # Initialisers of the final linear layer (model.head_init).
@@ -95,35 +106,43 @@ class Conv4(nn.Module):
     bn_epsilon: float = 1e-5
     # Compute dtype (None: no casting; jnp.bfloat16: mixed precision, see module docstring).
     dtype: Any = None
-    # Inputs may hold padded rows (all NaN): zeroed, and BatchNorm's moments over the real
-    # rows only (variable episodes, metalearn/episodes.py).
+    # Inputs may hold padded rows (all NaN): zeroed, BatchNorm's moments over the real rows
+    # only, and every layer computed in chunks of ``row_chunk`` rows (variable episodes,
+    # metalearn/episodes.py and metalearn/rows.py).
     padded_rows: bool = False
+    row_chunk: int = ROW_CHUNK
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         stride = 2 if self.downsample == "stride" else 1
         rows = None
+        chunk = self.row_chunk if self.padded_rows else 0
         if self.padded_rows:
             x, rows = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
         if self.context_size:
             context = cast_to(context_or_zeros(context, self.context_size, x.dtype), self.dtype)
         for i in range(self.blocks):
-            x = Conv3x3(self.filters, stride, self.conv_impl, dtype=self.dtype, name=f"conv_{i}")(x)
-            x = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{i}")(x, rows)
+            x = Conv3x3(
+                self.filters, stride, self.conv_impl, dtype=self.dtype, row_chunk=chunk, name=f"conv_{i}"
+            )(x)
+            x = BatchStatNorm(self.bn_epsilon, self.bn_scale, chunk, name=f"norm_{i}")(x, rows)
             film = self.context_size and i == self.film_block
             if film and self.film_position == "pre_pool":
-                x = FiLM(dtype=self.dtype, name="film")(x, context)
+                x = FiLM(dtype=self.dtype, row_chunk=chunk, name="film")(x, context)
             if self.downsample == "maxpool":
                 x = max_pool(x, self.pool_impl)
             if film and self.film_position == "post_pool":
-                x = FiLM(dtype=self.dtype, name="film")(x, context)
+                x = FiLM(dtype=self.dtype, row_chunk=chunk, name="film")(x, context)
             x = nn.relu(x)
-        x = jnp.mean(x, axis=(-3, -2)) if self.head == "spatial_mean" else x.reshape(x.shape[:-3] + (-1,))
+        if self.head == "spatial_mean":
+            x = map_rows(lambda r: jnp.mean(r, axis=(-3, -2)), x, chunk)
+        else:
+            x = x.reshape(x.shape[:-3] + (-1,))
         head_dtype = head_float_dtype(self.dtype)
         if head_dtype is not None:
             x = x.astype(head_dtype)
-        return nn.Dense(self.out, dtype=head_dtype, kernel_init=HEAD_INITS[self.head_init], name="head")(x)
+        return dense(self.out, "head", chunk, head_dtype, HEAD_INITS[self.head_init])(x)
 
 
 class ResBlock(nn.Module):
@@ -141,17 +160,20 @@ class ResBlock(nn.Module):
     dtype: Any = None
     bn_scale: bool = True
     bn_epsilon: float = 1e-5
+    # Examples per chunk (metalearn/rows.py; 0: the whole batch at once).
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         h = x
+        chunk = self.row_chunk
         for j in range(3):
-            conv = Conv3x3(self.features, 1, self.conv_impl, False, self.dtype, name=f"conv_{j}")
-            h = BatchStatNorm(self.bn_epsilon, self.bn_scale, name=f"norm_{j}")(conv(h), rows)
+            conv = Conv3x3(self.features, 1, self.conv_impl, False, self.dtype, chunk, name=f"conv_{j}")
+            h = BatchStatNorm(self.bn_epsilon, self.bn_scale, chunk, name=f"norm_{j}")(conv(h), rows)
             if j < 2:
                 h = nn.leaky_relu(h, self.negative_slope)
-        shortcut = Conv1x1(self.features, self.conv_impl, dtype=self.dtype, name="shortcut_conv")(x)
-        return h + BatchStatNorm(self.bn_epsilon, self.bn_scale, name="shortcut_norm")(shortcut, rows)
+        shortcut = Conv1x1(self.features, self.conv_impl, self.dtype, chunk, name="shortcut_conv")(x)
+        return h + BatchStatNorm(self.bn_epsilon, self.bn_scale, chunk, name="shortcut_norm")(shortcut, rows)
 
 
 class ResNet12(nn.Module):
@@ -185,10 +207,12 @@ class ResNet12(nn.Module):
     bn_epsilon: float = 1e-5
     # As Conv4's.
     padded_rows: bool = False
+    row_chunk: int = ROW_CHUNK
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         rows = None
+        chunk = self.row_chunk if self.padded_rows else 0
         if self.padded_rows:
             x, rows = padding_to_zeros(x)
         x = cast_to(x, self.dtype)
@@ -202,15 +226,16 @@ class ResNet12(nn.Module):
                 self.dtype,
                 self.bn_scale,
                 self.bn_epsilon,
+                chunk,
                 name=f"stage_{i}",
             )
             x = block(x, rows)
             if self.context_size and i == self.film_stage:
-                x = FiLM(dtype=self.dtype, name="film")(x, context)
+                x = FiLM(dtype=self.dtype, row_chunk=chunk, name="film")(x, context)
             x = nn.leaky_relu(x, self.negative_slope)
             x = max_pool(x, self.pool_impl)
         head_dtype = head_float_dtype(self.dtype)
         if head_dtype is not None:
             x = x.astype(head_dtype)  # average pool and head in float32
-        x = jnp.mean(x, axis=(-3, -2))
-        return nn.Dense(self.out, dtype=head_dtype, name="head")(x)
+        x = map_rows(lambda r: jnp.mean(r, axis=(-3, -2)), x, chunk)
+        return dense(self.out, "head", chunk, head_dtype)(x)
