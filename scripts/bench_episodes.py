@@ -339,9 +339,8 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     rows = []
     for name, spec in configs.items():
         run_dir = work / name
-        command = [
-            sys.executable, "-m", "metalearn.cli", "train", *shared, *spec["keys"], f"hydra.run.dir={run_dir}",
-        ]  # fmt: skip
+        train = [sys.executable, "-m", "metalearn.cli", "train"]
+        command = [*train, *shared, *spec["keys"], f"hydra.run.dir={run_dir}"]
         print(f"{name}: metalearn train {shlex.join(command[4:])}", flush=True)
         measured = run_row(name, command, run_dir, work / f"{name}.log")
         rows.append(
