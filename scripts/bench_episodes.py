@@ -215,7 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-ways", type=int, default=20)
     parser.add_argument("--max-support", type=int, default=100)
     parser.add_argument("--max-query", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60, help="meta-steps per run")
+    parser.add_argument("--steps", type=int, default=100, help="meta-steps per run")
     parser.add_argument("--log-every", type=int, default=10, help="the timed windows' length")
     parser.add_argument("--meta-batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
