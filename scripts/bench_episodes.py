@@ -244,12 +244,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "samples",
     ):
         if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+            refuse(f"invalid --{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
     if not args.synthetic and not args.manual_dir.is_dir():
-        parser.error(
-            f"--manual-dir {args.manual_dir}: no such folder (the Omniglot archives; or --synthetic)"
+        refuse(
+            f"invalid --manual-dir={args.manual_dir}: no such folder (the Omniglot archives; or --synthetic)"
         )
     return args
+
+
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"bench_episodes: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
