@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -324,15 +323,15 @@ class MultiSourceConfig(ImageDatasetConfig):
 
 
 def check_folders_given(entries: list[SourceEntry]) -> None:
-    """ConfigError (one line) naming every image_folder source whose ``path`` is unset or not
-    a directory, with the key to set for each: a preset that lists sources whose files are
-    not on this machine (conf/experiment/*_metadataset_*.yaml) names all of them at once,
-    where each source's own check would stop at the first."""
+    """ConfigError (one line) naming every image_folder source whose ``path`` is unset, with
+    the key to set for each: a preset that lists sources whose files are not on this machine
+    (conf/experiment/*_metadataset_*.yaml) names all of them at once, where each source's
+    own check would stop at the first. (A path that is set but no folder is the source's own
+    check's error, naming that key.)"""
     missing = [
         e
         for e in entries
-        if e.config.name == "image_folder"
-        and (e.config.path is None or not Path(str(e.config.path)).expanduser().is_dir())
+        if e.config.name == "image_folder" and (e.config.path is None or not str(e.config.path).strip())
     ]
     if missing:
         listed = ", ".join(f"{e.label} (dataset.sources.{e.index}.path={e.config.path})" for e in missing)

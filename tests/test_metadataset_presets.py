@@ -47,7 +47,8 @@ def test_protocol_is_the_papers(name):
     assert (d.image_size, d.channels) == (126, 3)
     # setups/trainer_config.gin:1-5; one episode per update; the best validation checkpoint.
     t = cfg.trainer
-    assert (t.steps, t.meta_batch_size, t.val_every, t.val_tasks, t.checkpoint_every) == (75000, 1, 500, 600, 500)
+    trainer = (t.steps, t.meta_batch_size, t.val_every, t.val_tasks, t.checkpoint_every)
+    assert trainer == (75000, 1, 500, 600, 500)
     assert (cfg.eval.n_tasks, cfg.eval.checkpoint) == (600, "best")
     # trainer.py:493-500: Adam, staircase exponential decay; queries normalised with the
     # support set's moments (trainer_config.gin:7).
@@ -115,7 +116,8 @@ def test_algorithm_values_are_the_from_scratch_configs():
 
 def test_full_preset_without_files_names_every_missing_source(tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = run_cli_in_process("train", "experiment=protonet_metadataset_all", f"hydra.run.dir={run_dir}")
+    run = f"hydra.run.dir={run_dir}"
+    code, _, err = run_cli_in_process("train", "experiment=protonet_metadataset_all", run)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "7 source(s) without their files" in lines[0]
@@ -125,16 +127,19 @@ def test_full_preset_without_files_names_every_missing_source(tmp_path):
     assert not run_dir.exists()
     # A source given its folder is no longer named; the others still are, in the same line.
     code, _, err = run_cli_in_process(
-        "train", "experiment=protomaml_metadataset_all", f"dataset.sources.0.path={tmp_path}", f"hydra.run.dir={run_dir}"
+        "train", "experiment=protomaml_metadataset_all", f"dataset.sources.0.path={tmp_path}", run
     )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "6 source(s)" in lines[0] and "ilsvrc_2012" not in lines[0] and "fungi" in lines[0]
-    # A path that is not a folder is named with it.
-    code, _, err = run_cli_in_process(
-        "train", "experiment=protonet_metadataset_all", f"dataset.sources.1.path={tmp_path / 'nowhere'}"
-    )
-    assert code == 2 and f"aircraft (dataset.sources.1.path={tmp_path / 'nowhere'})" in err
+    # With every path given, one that is not a folder is the source's own one-line error.
+    paths = [f"dataset.sources.{i}.path={tmp_path}" for i, s in enumerate(TRAIN_SOURCES) if s in NEED_FOLDERS]
+    paths[0] = f"dataset.sources.0.path={tmp_path / 'nowhere'}"
+    code, _, err = run_cli_in_process("train", "experiment=protonet_metadataset_all", *paths, run)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert f"invalid dataset.sources[0].path='{tmp_path / 'nowhere'}'" in lines[0]
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow
