@@ -316,5 +316,26 @@ class MultiSourceConfig(ImageDatasetConfig):
                 algo.name,
                 "an episodic algorithm with dataset=multi (pretrain's global classes span one dataset)",
             )
-        for entry in source_entries(d):
+        entries = source_entries(d)
+        check_folders_given(entries)
+        for entry in entries:
             in_source(entry, schemas("dataset")[entry.config.name].check, entry.config, cfg)
+
+
+def check_folders_given(entries: list[SourceEntry]) -> None:
+    """ConfigError (one line) naming every image_folder source whose ``path`` is unset, with
+    the key to set for each: a preset that lists sources whose files are not on this machine
+    (conf/experiment/*_metadataset_*.yaml) names all of them at once, where each source's
+    own check would stop at the first. (A path that is set but no folder is the source's own
+    check's error, naming that key.)"""
+    missing = [
+        e
+        for e in entries
+        if e.config.name == "image_folder" and (e.config.path is None or not str(e.config.path).strip())
+    ]
+    if missing:
+        listed = ", ".join(f"{e.label} (dataset.sources.{e.index}.path={e.config.path})" for e in missing)
+        raise ConfigError(
+            f"invalid dataset.sources: {len(missing)} source(s) without their files: {listed}; "
+            "set each path to that dataset's image folder, or leave the source out"
+        )
