@@ -36,9 +36,10 @@ way has at least one support and one query example), and logits of the ways W..m
 are masked out of the softmax and the argmax. Models with a linear head therefore have
 max_ways outputs, as Meta-Dataset's learners (``MAX_WAY = 50`` in its learner.py).
 
-Masking alone makes padding change no number mathematically; that it changes no bit is the
-row chunks' work (metalearn/rows.py): models, losses and prototypes of a padded episode are
-computed ``ROW_CHUNK`` rows at a time.
+Masking alone makes padding change no number mathematically (``dataset.padding=masked``:
+equal to float64 rounding); that it changes no bit is the row chunks' work
+(``dataset.padding=exact``, the default; metalearn/rows.py): models, losses and prototypes of
+a padded episode are computed ``ROW_CHUNK`` rows at a time.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metalearn.rows import ROW_CHUNK, sum_rows
+from metalearn.rows import sum_rows
 
 # Meta-Dataset's constants (sampling.py's EpisodeDescriptionConfig defaults, the paper's).
 MIN_WAYS = 5
@@ -157,9 +158,9 @@ def masked_logits(pred: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.where(way_mask_of(y, pred.shape[-1])[None, :], pred, -jnp.inf)
 
 
-def masked_loss(pred: jax.Array, y: jax.Array) -> jax.Array:
+def masked_loss(pred: jax.Array, y: jax.Array, chunk: int) -> jax.Array:
     """Mean softmax cross-entropy over the real rows (y != -1), absent ways masked; computed
-    ``ROW_CHUNK`` rows at a time (metalearn/rows.py), so padding changes no bit of it."""
+    ``chunk`` rows at a time (metalearn/rows.py; 0: at once), so padding changes no bit of it."""
     ways = way_mask_of(y, pred.shape[-1])
     real = (y != PAD_LABEL).astype(pred.dtype)
 
@@ -169,7 +170,7 @@ def masked_loss(pred: jax.Array, y: jax.Array) -> jax.Array:
         ce = optax.softmax_cross_entropy_with_integer_labels(masked, jnp.maximum(labels, 0))
         return jnp.sum(jnp.where(weight > 0, ce, 0.0))
 
-    return sum_rows(chunk_sum, (pred, y, real), ROW_CHUNK) / jnp.maximum(jnp.sum(real), 1)
+    return sum_rows(chunk_sum, (pred, y, real), chunk) / jnp.maximum(jnp.sum(real), 1)
 
 
 def masked_metric(pred: jax.Array, y: jax.Array) -> jax.Array:

@@ -11,6 +11,7 @@ import numpy as np
 
 from metalearn.episodes import bounds_of, padded_images, variable_episode_indices
 from metalearn.errors import ConfigError
+from metalearn.rows import ROW_CHUNK
 from metalearn.tasks import Task, TaskSource, choose_placement, device_memory_limit
 
 
@@ -97,4 +98,5 @@ def variable_image_source(cfg: Any, arrays: dict[str, Any], placement: str | Non
         host=None,
         placement_note=note,
         padded=True,
+        row_chunk=ROW_CHUNK if getattr(cfg, "padding", "exact") == "exact" else 0,
     )

@@ -61,6 +61,7 @@ SHARED_KEYS = (
     "max_ways",
     "max_support",
     "max_query",
+    "padding",
 )
 # Sources whose images have one size only (their schema refuses any other image_size); their
 # images are resized to dataset.image_size after loading.
@@ -260,6 +261,7 @@ def multi_task_source(d: Any):
         placement_note=f"{note}; training episodes by source: {shares}",
         parts=parts,
         padded=first.padded,
+        row_chunk=first.row_chunk,
     )
 
 

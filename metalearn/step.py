@@ -70,7 +70,7 @@ def setup(cfg: Any, source: TaskSource | None = None, trained_bn_stats: str | No
         source = classification_batches(source)
     model = make_model(cfg.model, source.input_shape, source.output_dim)
     if source.padded:  # variable episodes (metalearn/episodes.py)
-        model = with_padded_rows(model)
+        model = with_padded_rows(model, source.row_chunk)
     mode = bn_stats_of(cfg.model)
     trained = mode if trained_bn_stats is None else trained_bn_stats
     momentum = float(getattr(cfg.model, "bn_momentum", 0.1))

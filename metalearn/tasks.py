@@ -59,8 +59,10 @@ class TaskSource:
     # one by one; ``splits[split]`` then holds their data in this order. Empty otherwise.
     parts: tuple[tuple[str, TaskSource], ...] = ()
     # Variable episodes padded to one shape (dataset.episodes=variable, metalearn/episodes.py):
-    # labels -1 mark padded rows, which loss and metric leave out.
+    # labels -1 mark padded rows, which loss and metric leave out; row_chunk > 0: computed in
+    # chunks of that many rows (dataset.padding=exact, metalearn/rows.py), 0: at once.
     padded: bool = False
+    row_chunk: int = 0
 
     @property
     def placement(self) -> str:
@@ -75,7 +77,7 @@ class TaskSource:
         if self.kind == "regression":
             return jnp.mean(jnp.square(pred - y))
         if self.padded:
-            return masked_loss(pred, y)
+            return masked_loss(pred, y, self.row_chunk)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(pred, y))
 
     def metric(self, pred: jax.Array, y: jax.Array) -> jax.Array:

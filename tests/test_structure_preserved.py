@@ -68,6 +68,8 @@ ADDED: dict[str, object] = {
     "dataset.max_ways": 50,
     "dataset.max_support": 500,
     "dataset.max_query": 10,
+    # How a padded episode is computed (metalearn/rows.py): read only with episodes=variable.
+    "dataset.padding": "exact",
 }
 # results.json entries added since the recording (the evaluation protocol, stated).
 ADDED_RESULTS = ("protocol",)

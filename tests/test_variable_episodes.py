@@ -119,12 +119,15 @@ BOUNDS = {"min_ways": 2, "max_ways": 4, "max_support": 12, "max_query": 3}
 SIZE = 8
 
 
-def _experiment(algo: str, bn_stats: str = "batch", model: dict | None = None, **algo_keys):
+def _experiment(
+    algo: str, bn_stats: str = "batch", model: dict | None = None, padding: str = "exact", **algo_keys
+):
     extra = {"inner_batch_size": 0} if algo == "reptile" else {}
     model = model or {"name": "conv4", "filters": 2, "blocks": 1}
+    dataset = {"name": "omniglot", "placement": "device", "episodes": "variable", "padding": padding}
     cfg = make_cfg(
         algo={"name": algo, **extra, **algo_keys},
-        dataset={"name": "omniglot", "placement": "device", "episodes": "variable", **BOUNDS},
+        dataset={**dataset, **BOUNDS},
         model={**model, "bn_stats": bn_stats},
     )
     arrays = synthetic_image_arrays(n_classes=6, per_class=9, size=SIZE)
@@ -224,6 +227,24 @@ def test_padding_changes_nothing_in_joint_batches_and_resnet12(float64, algo, mo
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads_p))
 
 
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_masked_padding_matches_to_float64_rounding(float64, algo):
+    """dataset.padding=masked (no row chunks): the same numbers to rounding, not bitwise; a
+    padded row that leaked in would differ by ~1e-2."""
+    cfg, exp = _experiment(algo, padding="masked")
+    assert exp.source.row_chunk == 0
+    padded, unpadded = _padded_and_unpadded(exp)
+    meta, state = _float64_params(exp)
+    key, step = jax.random.PRNGKey(5), jnp.int32(0)
+    grads_p, _, metrics_p = exp.algo.meta_grad(meta, state, _batch(padded), key, step)
+    grads_u, _, metrics_u = exp.algo.meta_grad(meta, state, _batch(unpadded), key, step)
+    _assert_same(metrics_p["accuracy"], metrics_u["accuracy"])
+    for x, y in zip(
+        jax.tree.leaves((metrics_p, grads_p)), jax.tree.leaves((metrics_u, grads_u)), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("mode", ["support", "running", "support_query"])
 @pytest.mark.parametrize("algo", ["protonet", pytest.param("maml", marks=pytest.mark.slow)])
 def test_padding_changes_nothing_in_every_batchnorm_mode(float64, algo, mode):
@@ -316,6 +337,7 @@ def test_classes_of_different_sizes_as_image_folders_give_them():
         ("dataset.max_ways=3", "dataset.max_ways"),
         ("dataset.max_support=20", "dataset.max_support"),
         ("dataset.max_query=0", "dataset.max_query"),
+        ("dataset.padding=fast", "dataset.padding"),
     ],
 )
 def test_bad_bounds_are_one_line_errors(override, key, tmp_path):

@@ -45,7 +45,7 @@ from metalearn.algos.base import (
 )
 from metalearn.algos.protonet import MASKED_LOGIT, embed, embedding_params, prototypes
 from metalearn.config import schema
-from metalearn.rows import ROW_CHUNK, map_rows
+from metalearn.rows import map_rows
 from metalearn.tasks import Task
 
 
@@ -67,7 +67,7 @@ def make_protomaml(cfg: Any, problem: Problem) -> MetaLearner:
     """cfg: a ProtoMAMLConfig."""
     model, source = problem.model, problem.source
     # A padded episode (metalearn/episodes.py): max_ways prototypes, in chunks of rows.
-    ways, chunk = (source.output_dim, ROW_CHUNK) if source.padded else (None, 0)
+    ways, chunk = (source.output_dim, source.row_chunk) if source.padded else (None, 0)
 
     def logits(adapted: tuple[Any, dict[str, jax.Array]], x: jax.Array) -> jax.Array:
         params, head = adapted

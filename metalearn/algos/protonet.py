@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from metalearn.algos.base import MetaLearner, Problem, gradient_of_mean, stateless_learner
 from metalearn.config import ChoiceConfig, schema
 from metalearn.models import Model
-from metalearn.rows import ROW_CHUNK, map_rows, sum_rows, with_real_rows_first
+from metalearn.rows import map_rows, sum_rows, with_real_rows_first
 from metalearn.tasks import Task
 
 
@@ -122,7 +122,7 @@ def make_protonet(cfg: Any, problem: Problem) -> MetaLearner:
     joint_bn = bool(getattr(cfg, "joint_bn", False))
     model, source = problem.model, problem.source
     # A padded episode (metalearn/episodes.py): max_ways prototypes, in chunks of rows.
-    ways, chunk = (source.output_dim, ROW_CHUNK) if source.padded else (None, 0)
+    ways, chunk = (source.output_dim, source.row_chunk) if source.padded else (None, 0)
 
     def adapt(params: Any, support_x: jax.Array, support_y: jax.Array, key: jax.Array, steps: int) -> Any:
         del key, steps

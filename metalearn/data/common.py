@@ -188,6 +188,9 @@ PLACEMENTS = ("auto", "device", "host")
 
 
 EPISODES = ("fixed", "variable")
+# How a padded episode is computed (docs/episodes.md): "exact" in row chunks, padding changes
+# no bit (metalearn/rows.py); "masked" with masks alone, equal to float64 rounding, faster.
+PADDINGS = ("exact", "masked")
 
 
 def check_variable_bounds(d: Any) -> None:
@@ -202,6 +205,7 @@ def check_variable_bounds(d: Any) -> None:
         f">= dataset.max_ways ({d.max_ways}): every way has at least one shot",
     )
     need(d.max_query >= 1, "dataset.max_query", d.max_query, ">= 1")
+    one_of(d.padding, "dataset.padding", PADDINGS)
 
 
 @dataclass
@@ -219,7 +223,9 @@ class ImageDatasetConfig(EpisodeConfig):
     scripts/train/few_shot/trainval.py; there is no validation then). episodes: "fixed"
     (n_way-way k_shot-shot episodes) or "variable" (Meta-Dataset's variable-way,
     variable-shot episodes, padded to min_ways..max_ways ways, at most max_support support
-    examples and max_query queries per class; docs/episodes.md, metalearn/episodes.py)."""
+    examples and max_query queries per class; docs/episodes.md, metalearn/episodes.py);
+    padding: how a padded episode is computed, "exact" (row chunks: bitwise the numbers of
+    the unpadded episode) or "masked" (masks alone: the same to float64 rounding, faster)."""
 
     n_way: int = 5
     k_shot: int = 1
@@ -236,6 +242,7 @@ class ImageDatasetConfig(EpisodeConfig):
     max_ways: int = 50
     max_support: int = 500
     max_query: int = 10
+    padding: str = "exact"
 
     @classmethod
     def check(cls, d: Any, cfg: Any) -> None:

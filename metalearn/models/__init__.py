@@ -282,13 +282,13 @@ def with_outputs(model: Model, out: int) -> Model:
     )
 
 
-def with_padded_rows(model: Model) -> Model:
+def with_padded_rows(model: Model, row_chunk: int) -> Model:
     """``model`` for inputs with padded rows (variable episodes, metalearn/episodes.py): a
     row that is all NaN is replaced by zeros and left out of every BatchNorm's batch moments,
-    so it changes no real row's output. Same parameters as ``model``."""
-    return _wrap(
-        model.module.clone(padded_rows=True), model.input_shape, model.context_size, model.moments, model.sink
-    )
+    so it changes no real row's output; computed in chunks of ``row_chunk`` rows
+    (metalearn/rows.py; 0: at once). Same parameters as ``model``."""
+    module = model.module.clone(padded_rows=True, row_chunk=row_chunk)
+    return _wrap(module, model.input_shape, model.context_size, model.moments, model.sink)
 
 
 def without_row_chunks(model: Model) -> Model:

@@ -21,7 +21,7 @@ from metalearn.models.layers import (
     max_pool,
     padding_to_zeros,
 )
-from metalearn.rows import ROW_CHUNK, map_rows
+from metalearn.rows import map_rows
 
 Params = Any
 
@@ -41,7 +41,7 @@ class MLP(nn.Module):
     # Inputs may hold padded rows (all NaN; variable episodes, metalearn/episodes.py), then
     # computed in chunks of ``row_chunk`` rows (metalearn/rows.py).
     padded_rows: bool = False
-    row_chunk: int = ROW_CHUNK
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -110,7 +110,7 @@ class Conv4(nn.Module):
     # only, and every layer computed in chunks of ``row_chunk`` rows (variable episodes,
     # metalearn/episodes.py and metalearn/rows.py).
     padded_rows: bool = False
-    row_chunk: int = ROW_CHUNK
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -207,7 +207,7 @@ class ResNet12(nn.Module):
     bn_epsilon: float = 1e-5
     # As Conv4's.
     padded_rows: bool = False
-    row_chunk: int = ROW_CHUNK
+    row_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
