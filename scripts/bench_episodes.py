@@ -12,8 +12,9 @@ holding, on average, as many real examples:
    size S, mean queries per class Q, and the real-row fractions of the padded shape;
 2. the fixed config of the same mean size: n_way = round(W), k_shot = round(S / W),
    k_query = round(Q) (Python's round: halves go to the even number);
-3. runs both as separate ``metalearn train`` processes (same algorithm, model, meta-batch,
-   steps and seed; no validation, no checkpoint before the end; blocks of steps per call
+3. runs the variable config twice (dataset.padding=exact, then masked) and the fixed one,
+   each as a separate ``metalearn train`` process (same algorithm, model, meta-batch, steps
+   and seed; no validation, no checkpoint before the end; blocks of steps per call
    as default), each measured by metalearn.reproduce.run_measured (its own VmHWM);
 4. prints a table and the padding's cost in one sentence, appends one JSON line per config
    to ``--jsonl`` (default outputs/bench/bench.jsonl, the file of the other bench scripts),
@@ -31,7 +32,7 @@ which on a CPU includes the dataset and the final test evaluation (run with eval
 
 Default bounds (smaller than Meta-Dataset's 5-50 ways, 500 support, 10 queries, for a 2-core
 CPU): 5-20 ways, support <= 100, queries <= 5 per class. Extra ``key=value`` arguments go to
-both runs.
+every run.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def write_synthetic_folder(folder: Path, per_class: int, size: int, seed: int = 
 
 
 def dataset_overrides(args: argparse.Namespace) -> list[str]:
-    """The dataset keys both runs share: Omniglot small from the archives, or the synthetic
+    """The dataset keys every run shares: Omniglot small from the archives, or the synthetic
     folder (``--synthetic``)."""
     if args.synthetic:
         folder = args.data_dir / f"synthetic_{args.image_size}px_{args.per_class}"
@@ -192,17 +193,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def padding_sentence(variable: dict, fixed: dict) -> str:
-    """One sentence on what the padding costs, from the two rows."""
-    time_part = ""
-    if variable["seconds_per_step"] and fixed["seconds_per_step"]:
-        time_part = f"{variable['seconds_per_step'] / fixed['seconds_per_step']:.2f}x the time per step, "
+def padding_sentence(rows: list[dict]) -> str:
+    """What the padding costs, from the rows: each variable row against the fixed one."""
+    by_config = {r["config"]: r for r in rows}
+    fixed = by_config["fixed"]
+
+    def cost(variable: dict) -> str:
+        time_part = ""
+        if variable["seconds_per_step"] and fixed["seconds_per_step"]:
+            time_part = f"{variable['seconds_per_step'] / fixed['seconds_per_step']:.2f}x the time per step, "
+        return (
+            f"{time_part}{variable['compile_s'] / fixed['compile_s']:.2f}x the compile time and "
+            f"{variable['peak_rss_mib'] - fixed['peak_rss_mib']:+.0f} MiB of peak memory"
+        )
+
+    exact, masked = by_config["variable"], by_config["variable_masked"]
     return (
-        f"Padding costs {time_part}{variable['compile_s'] / fixed['compile_s']:.2f}x the compile time and "
-        f"{variable['peak_rss_mib'] - fixed['peak_rss_mib']:+.0f} MiB of peak memory against "
-        f"{fixed['episode_desc']} episodes of the same mean size: real rows fill "
-        f"{variable['support_real_fraction']:.0%} of the padded support and "
-        f"{variable['query_real_fraction']:.0%} of the padded query set."
+        f"Against {fixed['episode_desc']} episodes of the same mean size, padding costs "
+        f"{cost(exact)} with dataset.padding=exact (row chunks: padding changes no bit), and "
+        f"{cost(masked)} with dataset.padding=masked (masks alone: the same numbers to float64 "
+        f"rounding); real rows fill {exact['support_real_fraction']:.0%} of the padded support "
+        f"and {exact['query_real_fraction']:.0%} of the padded query set."
     )
 
 
@@ -231,7 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None, help="the runs' folder (default: timestamped)")
     parser.add_argument("--jsonl", type=Path, default=Path("outputs/bench/bench.jsonl"))
     parser.add_argument("--out", type=Path, default=None, help="a record folder to write")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both runs")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args(argv)
     for key in (
         "min_ways",
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """The bench of ``args`` (see the module docstring); 0 when both runs finished."""
+    """The bench of ``args`` (see the module docstring); 0 when every run finished."""
     bounds = {
         "min_ways": args.min_ways,
         "max_ways": args.max_ways,
@@ -302,6 +313,8 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         *args.overrides,
     ]
     variable = ["dataset.episodes=variable", *(f"dataset.{k}={v}" for k, v in bounds.items())]
+    variable_masked = [*variable, "dataset.padding=masked"]
+    variable = [*variable, "dataset.padding=exact"]
     cfg = compose([*shared, *variable])
     counts = train_class_counts(cfg)
     mean = mean_episode(counts, bounds, args.samples, args.seed)
@@ -323,6 +336,18 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
             "episode": bounds,
             "episode_desc": f"variable {args.min_ways}-{args.max_ways} ways, "
             f"<= {args.max_support} support, <= {args.max_query} queries",
+            "support_rows": args.max_support,
+            "query_rows": padded_query,
+            "real_support_rows": mean["mean_support"],
+            "real_query_rows": mean["mean_query_rows"],
+            "support_real_fraction": mean["support_real_fraction"],
+            "query_real_fraction": mean["query_real_fraction"],
+        },
+        "variable_masked": {
+            "keys": variable_masked,
+            "episode": bounds,
+            "episode_desc": f"variable {args.min_ways}-{args.max_ways} ways, "
+            f"<= {args.max_support} support, <= {args.max_query} queries, masked",
             "support_rows": args.max_support,
             "query_rows": padded_query,
             "real_support_rows": mean["mean_support"],
@@ -368,7 +393,7 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
             }
         )
     markdown = table(rows)
-    sentence = padding_sentence(rows[0], rows[1])
+    sentence = padding_sentence(rows)
     print(f"\n{markdown}\n\n{sentence}")
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     with args.jsonl.open("a") as f:
@@ -383,7 +408,7 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
 def write_record(
     out: Path, argv: list[str] | None, rows: list[dict], markdown: str, sentence: str, work: Path
 ) -> None:
-    """cmd.txt (the command), table.md, bench.jsonl and the two runs' logs in ``out``."""
+    """cmd.txt (the command), table.md, bench.jsonl and the runs' logs in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     words = sys.argv[1:] if argv is None else argv
     (out / "cmd.txt").write_text(f"python scripts/bench_episodes.py {shlex.join(words)}\n")

@@ -59,8 +59,9 @@ def test_tiny_bench_writes_both_rows_and_the_record(tmp_path, capsys):
     ]  # fmt: skip
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["config"] for r in rows] == ["variable", "fixed"]
-    variable, fixed = rows
+    assert [r["config"] for r in rows] == ["variable", "variable_masked", "fixed"]
+    variable, masked, fixed = rows
+    assert masked["support_rows"] == variable["support_rows"] and "masked" in masked["episode_desc"]
     mean = variable["mean_episode"]
     assert fixed["episode"] == {
         "n_way": round(mean["mean_ways"]),
@@ -73,7 +74,7 @@ def test_tiny_bench_writes_both_rows_and_the_record(tmp_path, capsys):
         assert row["kind"] == "episodes" and row["algo"] == "protonet" and row["steps"] == 4
         assert row["seconds_per_step"] > 0 and row["compile_s"] > 0 and row["peak_rss_mib"] > 0
     assert (out / "cmd.txt").read_text().startswith("python scripts/bench_episodes.py --synthetic")
-    assert "fixed" in (out / "table.md").read_text() and "Padding costs" in capsys.readouterr().out
+    assert "fixed" in (out / "table.md").read_text() and "padding costs" in capsys.readouterr().out
     assert [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()] == rows
 
 
