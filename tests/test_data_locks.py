@@ -18,7 +18,8 @@ from test_omniglot_data import synth_archives
 
 from metalearn.data.pipeline import file_lock, lock_file
 
-pytestmark = pytest.mark.usefixtures("no_network")
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = [pytest.mark.usefixtures("no_network"), pytest.mark.serial]
 
 # Load synthetic Omniglot (default settings) and print the digest of its arrays. ``hang``:
 # stop for good after writing part of the TFDS build (to be killed there).

@@ -18,6 +18,9 @@ from conftest import metric_records, run_cli
 
 from metalearn.launchers import parallel_jobs
 
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = pytest.mark.serial
+
 TINY = [
     "model.hidden=[8]",
     "trainer.meta_batch_size=2",

@@ -26,6 +26,9 @@ from conftest import REPO
 from metalearn import distributed
 from metalearn.errors import ConfigError
 
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = pytest.mark.serial
+
 _WORKER = textwrap.dedent(
     """
     import json, sys

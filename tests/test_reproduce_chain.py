@@ -20,7 +20,11 @@ from conftest import SHARED_OMNIGLOT, metric_records, run_cli
 from metalearn.checkpoint import has_checkpoint
 from metalearn.reproduce import SuiteError, load_suite, load_suites, plan
 
-pytestmark = pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present")
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = [
+    pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason="shared Omniglot archives not present"),
+    pytest.mark.serial,
+]
 
 # Tiny settings on top of the suite's (the command line's overrides win): 14x14 images, a
 # 4-filter Conv4, a long enough second stage to be killed in, checkpoints every 10 steps.

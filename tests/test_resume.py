@@ -20,6 +20,9 @@ from conftest import metric_records
 
 from metalearn.checkpoint import CHECKPOINT_DIR, checkpoint_steps
 
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = pytest.mark.serial
+
 BASE = [
     "train",
     "dataset=sinusoid",

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import SWEEP_TINY, run_cli, run_cli_in_process
 
+# serial: its slow checks time kills and signals; CI runs them in one process.
+pytestmark = pytest.mark.serial
+
 TINY = (*SWEEP_TINY, "model.hidden=[8,8]")
 
 
