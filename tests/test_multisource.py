@@ -317,5 +317,6 @@ def test_variable_episodes_from_several_sources(folders, tmp_path):
         sources_seen, _ = source_and_classes(real)
         assert len(sources_seen) == 1, (i, sources_seen)
         assert 2 <= int(np.asarray(tasks.support_y[i]).max()) + 1 <= 4
+    cfg.trainer.steps, cfg.trainer.val_every, cfg.trainer.progress = 4, 2, False  # (default: 20,000)
     results = train(cfg, tmp_path / "run")
-    assert set(results["test"]["sources"]) == {"image_folder", "second"}
+    assert results["steps"] == 4 and set(results["test"]["sources"]) == {"image_folder", "second"}
