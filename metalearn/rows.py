@@ -17,9 +17,10 @@ elementwise function of rows (the loss's ``log``/``exp``) runs over chunks of
 size, so its code and its numbers are the same; the chunks' sums accumulate one after the
 other, and so do the gradients of the shared values (the scan's transpose carries them), so
 the trailing chunks of padding add exact zeros. The real rows' chunks are the same in a
-padded and an unpadded episode (padding within a chunk is zeros either way). A scan of one
-iteration is inlined by XLA and fused with its neighbours, so there are at least
-``MIN_CHUNKS``. What stays outside the chunks is exact whatever the code path: reshapes,
+padded and an unpadded episode (padding within a chunk is zeros either way). There are at
+least ``MIN_CHUNKS``: XLA inlines a loop of one iteration into its caller, where the body's
+operations are fused with their neighbours, and a probe with one chunk lost the match.
+What stays outside the chunks is exact whatever the code path: reshapes,
 selections (max-pool, ReLU, argmax), masks, additions and products of two row arrays.
 
 Fixed episodes do not use chunks (``chunk=0``: each function is the plain computation).
