@@ -23,7 +23,8 @@ operations are fused with their neighbours, and a probe with one chunk lost the 
 What stays outside the chunks is exact whatever the code path: reshapes,
 selections (max-pool, ReLU, argmax), masks, additions and products of two row arrays.
 
-Fixed episodes do not use chunks (``chunk=0``: each function is the plain computation).
+Fixed episodes, and padded ones with ``dataset.padding=masked``, do not use chunks
+(``chunk=0``: each function is the plain computation).
 """
 
 from __future__ import annotations
