@@ -330,31 +330,22 @@ def bench(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     work = args.work or Path("outputs/bench/episodes") / time.strftime("%Y-%m-%d_%H-%M-%S")
     padded_query = args.max_ways * args.max_query
+    exact = {
+        "keys": variable,
+        "episode": bounds,
+        "episode_desc": f"variable {args.min_ways}-{args.max_ways} ways, "
+        f"<= {args.max_support} support, <= {args.max_query} queries",
+        "support_rows": args.max_support,
+        "query_rows": padded_query,
+        "real_support_rows": mean["mean_support"],
+        "real_query_rows": mean["mean_query_rows"],
+        "support_real_fraction": mean["support_real_fraction"],
+        "query_real_fraction": mean["query_real_fraction"],
+    }
+    masked = {**exact, "keys": variable_masked, "episode_desc": exact["episode_desc"] + ", masked"}
     configs = {
-        "variable": {
-            "keys": variable,
-            "episode": bounds,
-            "episode_desc": f"variable {args.min_ways}-{args.max_ways} ways, "
-            f"<= {args.max_support} support, <= {args.max_query} queries",
-            "support_rows": args.max_support,
-            "query_rows": padded_query,
-            "real_support_rows": mean["mean_support"],
-            "real_query_rows": mean["mean_query_rows"],
-            "support_real_fraction": mean["support_real_fraction"],
-            "query_real_fraction": mean["query_real_fraction"],
-        },
-        "variable_masked": {
-            "keys": variable_masked,
-            "episode": bounds,
-            "episode_desc": f"variable {args.min_ways}-{args.max_ways} ways, "
-            f"<= {args.max_support} support, <= {args.max_query} queries, masked",
-            "support_rows": args.max_support,
-            "query_rows": padded_query,
-            "real_support_rows": mean["mean_support"],
-            "real_query_rows": mean["mean_query_rows"],
-            "support_real_fraction": mean["support_real_fraction"],
-            "query_real_fraction": mean["query_real_fraction"],
-        },
+        "variable": exact,
+        "variable_masked": masked,
         "fixed": {
             "keys": fixed_keys,
             "episode": fixed,

@@ -165,6 +165,32 @@ def _assert_same(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _meta_grads(exp, meta, state, padded: Task, unpadded: Task):
+    """((grads, state, metrics) of the padded episode, the same of the unpadded one)."""
+    key, step = jax.random.PRNGKey(5), jnp.int32(0)
+    return (
+        exp.algo.meta_grad(meta, state, _batch(padded), key, step),
+        exp.algo.meta_grad(meta, state, _batch(unpadded), key, step),
+    )
+
+
+def _assert_same_evaluation(exp, meta, state, algo: str, padded: Task, unpadded: Task) -> None:
+    """Adaptation on the support set, predictions and accuracy on the queries: bitwise equal."""
+    key = jax.random.PRNGKey(5)
+    steps = 0 if algo == "protonet" else 1
+    n_query = unpadded.query_y.shape[0]
+
+    def evaluate(task):
+        adapted = exp.algo.adapt(meta, state, task.support_x, task.support_y, key, steps)
+        pred = exp.algo.predict(meta, adapted, task.query_x)
+        # ProtoNet and ProtoMAML score one column per way: the episode's ways come first.
+        return pred[:n_query, : BOUNDS["max_ways"]], exp.source.metric(pred, task.query_y)
+
+    (pred_p, accuracy_p), (pred_u, accuracy_u) = evaluate(padded), evaluate(unpadded)
+    _assert_same(pred_p, pred_u)
+    _assert_same(accuracy_p, accuracy_u)
+
+
 # One algorithm of each kind in the default tier (a differentiated inner loop, a metric one);
 # every algorithm in the slow tier (each compiles a second-order meta-gradient in float64).
 _DEFAULT_RUN = {"maml", "protonet"}
@@ -182,27 +208,12 @@ def test_padding_changes_no_loss_meta_gradient_or_accuracy(float64, algo):
     cfg, exp = _experiment(algo)
     padded, unpadded = _padded_and_unpadded(exp)
     meta, state = _float64_params(exp)
-    key = jax.random.PRNGKey(5)
-    step = jnp.int32(0)
-    grads_p, _, metrics_p = exp.algo.meta_grad(meta, state, _batch(padded), key, step)
-    grads_u, _, metrics_u = exp.algo.meta_grad(meta, state, _batch(unpadded), key, step)
+    (grads_p, _, metrics_p), (grads_u, _, metrics_u) = _meta_grads(exp, meta, state, padded, unpadded)
     assert np.isfinite(float(metrics_p["loss"]))
     _assert_same(metrics_p, metrics_u)
     _assert_same(grads_p, grads_u)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads_p))
-    # Evaluation: adaptation on the support set, predictions and accuracy on the queries.
-    steps = 0 if algo == "protonet" else 1
-    n_query = unpadded.query_y.shape[0]
-
-    def evaluate(task):
-        adapted = exp.algo.adapt(meta, state, task.support_x, task.support_y, key, steps)
-        pred = exp.algo.predict(meta, adapted, task.query_x)
-        # ProtoNet and ProtoMAML score one column per support row: the ways come first.
-        return pred[:n_query, : BOUNDS["max_ways"]], exp.source.metric(pred, task.query_y)
-
-    (pred_p, accuracy_p), (pred_u, accuracy_u) = evaluate(padded), evaluate(unpadded)
-    _assert_same(pred_p, pred_u)
-    _assert_same(accuracy_p, accuracy_u)
+    _assert_same_evaluation(exp, meta, state, algo, padded, unpadded)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +230,7 @@ def test_padding_changes_nothing_in_joint_batches_and_resnet12(float64, algo, mo
     cfg, exp = _experiment(algo, model=model, **algo_keys)
     padded, unpadded = _padded_and_unpadded(exp)
     meta, state = _float64_params(exp)
-    key, step = jax.random.PRNGKey(5), jnp.int32(0)
-    grads_p, _, metrics_p = exp.algo.meta_grad(meta, state, _batch(padded), key, step)
-    grads_u, _, metrics_u = exp.algo.meta_grad(meta, state, _batch(unpadded), key, step)
+    (grads_p, _, metrics_p), (grads_u, _, metrics_u) = _meta_grads(exp, meta, state, padded, unpadded)
     _assert_same(metrics_p, metrics_u)
     _assert_same(grads_p, grads_u)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads_p))
@@ -235,9 +244,7 @@ def test_masked_padding_matches_to_float64_rounding(float64, algo):
     assert exp.source.row_chunk == 0
     padded, unpadded = _padded_and_unpadded(exp)
     meta, state = _float64_params(exp)
-    key, step = jax.random.PRNGKey(5), jnp.int32(0)
-    grads_p, _, metrics_p = exp.algo.meta_grad(meta, state, _batch(padded), key, step)
-    grads_u, _, metrics_u = exp.algo.meta_grad(meta, state, _batch(unpadded), key, step)
+    (grads_p, _, metrics_p), (grads_u, _, metrics_u) = _meta_grads(exp, meta, state, padded, unpadded)
     _assert_same(metrics_p["accuracy"], metrics_u["accuracy"])
     for x, y in zip(
         jax.tree.leaves((metrics_p, grads_p)), jax.tree.leaves((metrics_u, grads_u)), strict=True
@@ -251,24 +258,11 @@ def test_padding_changes_nothing_in_every_batchnorm_mode(float64, algo, mode):
     cfg, exp = _experiment(algo, mode)
     padded, unpadded = _padded_and_unpadded(exp)
     meta, state = _float64_params(exp)
-    key = jax.random.PRNGKey(5)
     if isinstance(state, BatchNormState):  # the running averages after one meta-step
-        _, state_p, _ = exp.algo.meta_grad(meta, state, _batch(padded), key, jnp.int32(0))
-        _, state_u, _ = exp.algo.meta_grad(meta, state, _batch(unpadded), key, jnp.int32(0))
+        (_, state_p, _), (_, state_u, _) = _meta_grads(exp, meta, state, padded, unpadded)
         _assert_same(state_p.running, state_u.running)
         state = state_p
-    steps = 0 if algo == "protonet" else 1
-    n_query = unpadded.query_y.shape[0]
-
-    def evaluate(task):
-        adapted = exp.algo.adapt(meta, state, task.support_x, task.support_y, key, steps)
-        pred = exp.algo.predict(meta, adapted, task.query_x)
-        # ProtoNet and ProtoMAML score one column per support row: the ways come first.
-        return pred[:n_query, : BOUNDS["max_ways"]], exp.source.metric(pred, task.query_y)
-
-    (pred_p, accuracy_p), (pred_u, accuracy_u) = evaluate(padded), evaluate(unpadded)
-    _assert_same(pred_p, pred_u)
-    _assert_same(accuracy_p, accuracy_u)
+    _assert_same_evaluation(exp, meta, state, algo, padded, unpadded)
 
 
 def test_masked_batchnorm_is_the_real_rows_moments(float64):
